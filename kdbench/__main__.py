@@ -1,0 +1,9 @@
+"""``python -m kdbench``."""
+
+from __future__ import annotations
+
+import sys
+
+from kdbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""The ``kdbench`` command: run, validate, ls, leaderboard, plugins.
+
+User errors print one line (``kdbench: error: ...``) and exit with a distinct code (see
+:class:`kdbench.errors.ExitCode`), no traceback; ``--traceback`` or ``KDBENCH_DEBUG=1`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdbench.errors import ExitCode, KdbenchError
+
+if TYPE_CHECKING:
+    from kdbench.manager import Host
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      kdbench run                                   # the offline quickstart suite
+      kdbench run --suite glue-small --seeds 0      # a shipped suite, one seed
+      kdbench run --suite my.toml train.epochs=2 loss.kd.temperature=4
+      kdbench run --suite quickstart --dry-run      # print the plan
+      kdbench ls methods
+      kdbench leaderboard                           # regenerate leaderboards/*.md from results
+      kdbench -p my_rule.py ls teacher-updates      # load a plugin file
+    """)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands share the global plugin options)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-p", dest="plugins", action="append", default=[], metavar="PLUGIN",
+                        help="load a plugin module or .py file; -p no:NAME blocks one")
+    common.add_argument("--traceback", action="store_true", help="show tracebacks for errors")
+    parser = argparse.ArgumentParser(prog="kdbench", parents=[common], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Knowledge-distillation benchmark with pluggable teacher-update rules.")
+    sub = parser.add_subparsers(dest="command")
+    for name in ("run", "validate"):
+        p = sub.add_parser(name, parents=[common], help="run the matrix" if name == "run" else "validate and print the plan")
+        p.add_argument("--suite", default="quickstart", help="built-in suite name or TOML path (default: quickstart)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
+        p.add_argument("--methods", help="comma-separated subset of the suite's methods")
+        p.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
+        p.add_argument("--students", help="comma-separated subset of the suite's students")
+        p.add_argument("--seeds", help="comma-separated seeds (replaces the suite's)")
+        p.add_argument("--results-dir", help="default: leaderboards/results/<suite>")
+        p.add_argument("--cache-dir", help="teachers, tokenised data, checkpoints (default: $KDBENCH_CACHE or ~/.cache/kdbench)")
+        p.add_argument("--out-dir", default="leaderboards", help="where the leaderboard markdown goes")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--executor", default="local", help="local (default) or ray")
+        p.add_argument("--executor-opt", action="append", default=[], metavar="key=value",
+                       help="executor option, e.g. address=auto, num_gpus=1")
+        p.add_argument("--retry-failed", action="store_true", help="rerun failed cells too")
+        p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+        p.add_argument("--no-leaderboard", action="store_true", help="do not render after the run")
+    ls = sub.add_parser("ls", parents=[common], help="list registered components")
+    ls.add_argument("what", nargs="?", default="methods",
+                    choices=["plugins", "tasks", "models", "students", "losses", "teacher-updates",
+                             "methods", "executors", "suites"])
+    lb = sub.add_parser("leaderboard", parents=[common], help="render leaderboards from result files")
+    lb.add_argument("results", nargs="*", help="result directories (default: leaderboards/results/*)")
+    lb.add_argument("--out-dir", default="leaderboards")
+    lb.add_argument("--check", action="store_true", help="fail if a committed file differs from a fresh render")
+    pl = sub.add_parser("plugins", parents=[common], help="JSON list of plugins and their hooks")
+    pl.add_argument("--hook", help="only plugins implementing this hook")
+    return parser
+
+
+def make_host(args: argparse.Namespace) -> Host:
+    """Host from -p arguments."""
+    from kdbench.manager import Host, make_plugin_manager
+
+    extra = [p for p in args.plugins if not p.startswith("no:")]
+    blocked = [p[3:] for p in args.plugins if p.startswith("no:")]
+    return Host(make_plugin_manager(extra=extra, blocked=blocked))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run", *(argv or [])])
+    debug = args.traceback or os.environ.get("KDBENCH_DEBUG", "") not in ("", "0")
+    try:
+        from kdbench import commands
+
+        return int(getattr(commands, f"cmd_{args.command}")(args))
+    except KdbenchError as exc:
+        if debug:
+            raise
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("kdbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+
+
+def print_json(obj: Any) -> None:
+    """Pretty JSON to stdout."""
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def default_cache_dir() -> Path:
+    """$KDBENCH_CACHE or ~/.cache/kdbench."""
+    return Path(os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench")

@@ -1,0 +1,213 @@
+"""Implementations of the CLI subcommands (imported lazily by kdbench.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdbench.cli import default_cache_dir, make_host, print_json
+from kdbench.config import Suite, as_dict, load_suite, parse_value
+from kdbench.errors import ConfigError, ExitCode, KdbenchError
+from kdbench.manager import Host
+
+
+def _suite_from_args(args: argparse.Namespace) -> Suite:
+    overrides = list(args.overrides)
+    for key in ("methods", "tasks", "students", "seeds"):
+        value = getattr(args, key)
+        if value:
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            rendered = ",".join(v if key == "seeds" else f'"{v}"' for v in items)
+            overrides.append(f"suite.{key}=[{rendered}]")
+    return load_suite(args.suite, overrides)
+
+
+def plan(args: argparse.Namespace) -> tuple[Host, Suite, list[Any]]:
+    """Host, suite and cells; raises ConfigError listing every problem."""
+    from kdbench.plan import expand
+
+    host = make_host(args)
+    suite = _suite_from_args(args)
+    if args.executor not in host.executors:
+        raise ConfigError(f"--executor: {host.executors.unknown(args.executor)}")
+    return host, suite, expand(suite, host)
+
+
+def print_plan(cells: list[Any]) -> None:
+    """One line per cell."""
+    print(f"{len(cells)} cells:")
+    for c in cells:
+        na = f"  n-a: {c.na_reason}" if c.na_reason else ""
+        print(f"  {c.run_id}  method={c.method} task={c.task} student={c.student or '-'} "
+              f"teacher={c.teacher} seed={c.seed}{na}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate the suite and print the plan."""
+    _, suite, cells = plan(args)
+    print_plan(cells)
+    print(f"suite {suite.name!r} is valid")
+    return int(ExitCode.OK)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Plan, run pending cells, render the leaderboard."""
+    from kdbench.executors import MatrixContext, HostArgs, pending
+
+    host, suite, cells = plan(args)
+    if args.dry_run:
+        print_plan(cells)
+        return int(ExitCode.OK)
+    if not cells:
+        print("kdbench: nothing to run: the plan is empty", file=sys.stderr)
+        return int(ExitCode.NOTHING_TO_RUN)
+    out_dir = Path(args.out_dir)
+    results_dir = Path(args.results_dir) if args.results_dir else out_dir / "results" / suite.name
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    extra = tuple(p for p in args.plugins if not p.startswith("no:"))
+    blocked = tuple(p[3:] for p in args.plugins if p.startswith("no:"))
+    mctx = MatrixContext(results_dir, cache_dir, HostArgs(extra, blocked), args.device,
+                         {"description": suite.description, "budget": suite.budget, "path": suite.path})
+    todo = pending(cells, results_dir, args.retry_failed)
+    print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
+          f"{len(todo)} to run -> {results_dir}", file=sys.stderr)
+    executor_cls = host.executors.get(args.executor)
+    from kdbench.config import build_config
+
+    problems: list[str] = []
+    opts = dict(kv.partition("=")[::2] for kv in args.executor_opt)
+    ecfg = build_config(executor_cls.Config, [{k: parse_value(v) for k, v in opts.items()}],
+                        f"--executor-opt ({args.executor})", problems)
+    if problems:
+        raise ConfigError(problems)
+    failed = 0
+    from tqdm import tqdm
+
+    with tqdm(total=len(todo), desc=suite.name, unit="cell", file=sys.stderr, disable=not todo) as bar:
+        for result in executor_cls(ecfg).map(todo, mctx, host):
+            bar.update(1)
+            status = result["status"]
+            failed += status == "failed"
+            bar.write(f"  {status:8s} {result['run_id']}"
+                      + (f"  ({result.get('reason', '')[:120]})" if status != "ok" else ""))
+    if not args.no_leaderboard:
+        path = write_leaderboard(host, results_dir, out_dir / f"{suite.name}.md", suite.name)
+        print(f"kdbench: leaderboard -> {path}", file=sys.stderr)
+    return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
+
+
+def render(host: Host, results_dir: Path, suite: str) -> str:
+    """Render the markdown for one results directory."""
+    from kdbench import __version__
+    from kdbench.results import load_results
+
+    board = load_results(results_dir)
+    if board.empty:
+        raise KdbenchError(f"no result files under {results_dir}. Hint: run `kdbench run --suite {suite}` first")
+    first = board.iloc[0]["result"]
+    info = first.get("suite_info", {})
+    meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
+            "description": info.get("description", ""), "budget": info.get("budget", "")}
+    return host.render_leaderboard(board, suite, meta)
+
+
+def write_leaderboard(host: Host, results_dir: Path, out: Path, suite: str) -> Path:
+    """Render and write ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(host, results_dir, suite), encoding="utf-8")
+    return out
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Regenerate (or --check) leaderboards/<suite>.md for every results directory."""
+    host = make_host(args)
+    out_dir = Path(args.out_dir)
+    dirs = [Path(d) for d in args.results] or sorted(p for p in (out_dir / "results").glob("*") if p.is_dir())
+    if not dirs:
+        raise KdbenchError(f"no results directories under {out_dir / 'results'}")
+    stale = []
+    for d in dirs:
+        target = out_dir / f"{d.name}.md"
+        text = render(host, d, d.name)
+        if args.check:
+            if not target.exists() or target.read_text(encoding="utf-8") != text:
+                stale.append(str(target))
+        else:
+            target.write_text(text, encoding="utf-8")
+            print(f"wrote {target}")
+    if stale:
+        raise KdbenchError(f"leaderboards differ from their results: {', '.join(stale)}. Hint: run `kdbench leaderboard`")
+    return int(ExitCode.OK)
+
+
+def _component_rows(host: Host, kind: str) -> list[dict[str, Any]]:
+    reg = host.registries[kind]
+    rows = []
+    for name in reg.names():
+        obj = reg.get(name)
+        row = {"name": name, "version": getattr(obj, "version", ""), "plugin": reg.plugin(name),
+               "origin": reg.origin(name)}
+        if kind == "tasks":
+            row.update(metric=", ".join(obj.metrics), labels=obj.num_labels, modality=obj.modality,
+                       sources=", ".join(obj.sources), domains=len(obj.domains))
+        elif kind == "methods":
+            row.update(teacher_update=obj.teacher_update, loss=obj.loss, paper=obj.paper)
+        elif kind == "teacher_updates":
+            row.update(changes_teacher=obj.changes_teacher, needs_quiz=obj.needs_quiz)
+        elif kind == "models":
+            row.update(modality=obj.modality, params=_param_count(obj))
+        if kind in ("losses", "teacher_updates", "models", "students", "tasks"):
+            cfg = getattr(obj, "Config", None)
+            if cfg is not None and dataclasses.is_dataclass(cfg):
+                row["options"] = ", ".join(f"{k}={v!r}" for k, v in as_dict(cfg()).items())
+        rows.append(row)
+    return rows
+
+
+def _param_count(kind_cls: Any) -> str:
+    """Parameter count of a model kind's default configuration, when buildable offline."""
+    fn = getattr(kind_cls, "param_count", None)
+    if callable(fn):
+        try:
+            return f"{fn() / 1e6:.2f}M"
+        except Exception:  # noqa: BLE001 - listing must not fail on one entry
+            return "-"
+    return "per checkpoint"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List components with origin and version."""
+    from tabulate import tabulate
+
+    if args.what == "suites":
+        from kdbench.config import builtin_suites
+
+        for name, path in sorted(builtin_suites().items()):
+            print(f"{name:20s} {path}")
+        return int(ExitCode.OK)
+    host = make_host(args)
+    if args.what == "plugins":
+        rows = [{"plugin": n, "version": v} for n, v in sorted(host.plugin_versions().items())]
+    else:
+        rows = _component_rows(host, args.what.replace("-", "_"))
+    print(tabulate(rows, headers="keys", disable_numparse=True) if rows else "(none)")
+    return int(ExitCode.OK)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """JSON description of the loaded plugins."""
+    host = make_host(args)
+    out = []
+    versions = host.plugin_versions()
+    for name, plugin in host.pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(h.name for h in host.pm.get_hookcallers(plugin) or [])
+        if args.hook and args.hook not in hooks:
+            continue
+        out.append({"name": name, "version": versions.get(name, ""), "hooks": hooks})
+    print_json(out)
+    return int(ExitCode.OK)

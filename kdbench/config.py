@@ -1,0 +1,294 @@
+"""Suites: TOML files plus ``key=value`` overrides, validated all at once.
+
+Precedence for every component option, lowest first: the component's ``Config`` defaults <
+the method's ``defaults`` < the suite file < the command line. Within the file and within the
+command line, a method-specific section (``[method.metadistil.loss]``) beats a generic one
+(``[loss.kd]``), and a task name (``[task."glue/sst2"]``) beats a glob (``[task."glue/*"]``).
+
+Suite file layout (see ``kdbench/configs/*.toml``)::
+
+    [suite]            name, methods, tasks, students, seeds, baselines, description, budget
+    [teachers.NAME]    kind = <model kind>, then that kind's Config fields
+    [students.NAME]    teacher = NAME, kind = <student kind>, then that kind's Config fields
+    [train]            TrainConfig fields for distillation cells
+    [teacher_train]    TrainConfig fields for teacher fine-tuning
+    [loss.NAME] [teacher_update.NAME] [task.NAME-or-glob] [method.NAME.{loss,teacher_update,train}]
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kdbench.errors import ConfigError
+from kdbench.registry import suggest
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """The shared loop's options (one set for distillation, one for teacher fine-tuning)."""
+
+    epochs: int = 3  # passes over the training split
+    batch_size: int = 32  # examples per optimizer step
+    micro_batch_size: int = 0  # 0 = batch_size; smaller = gradient accumulation (set on OOM retry)
+    eval_batch_size: int = 256  # examples per evaluation forward
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW/SGD weight decay (not on bias/LayerNorm)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # SGD momentum
+    schedule: str = "linear"  # linear (warmup then decay) | constant | multistep
+    warmup: float = 0.0  # warmup fraction of total steps (linear schedule)
+    milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
+    gamma: float = 0.1  # multistep factor
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    select: str = ""  # split that selects the best epoch; "" = the task's first eval split
+    log_every: int = 50  # steps between kdbench_log_metrics calls
+    max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke tests
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the student forward (never with double backward)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + cuBLAS workspace
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
+    nan_patience: int = 1  # consecutive non-finite losses before the cell is 'diverged'
+    oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
+
+
+@dataclass
+class Suite:
+    """A merged, validated suite. ``file_raw``/``cli_raw`` keep the two layers apart."""
+
+    name: str
+    path: str
+    file_raw: dict[str, Any]
+    cli_raw: dict[str, Any]
+    methods: list[str]
+    tasks: list[str]
+    students: list[str]
+    seeds: list[int]
+    baselines: bool = True
+    description: str = ""
+    budget: str = ""
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    student_defs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def layers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(file, cli) raw dictionaries, lowest precedence first."""
+        return self.file_raw, self.cli_raw
+
+
+SUITE_KEYS = {"name", "methods", "tasks", "students", "seeds", "baselines", "description",
+              "budget"}
+TOP_KEYS = {"suite", "teachers", "students", "train", "teacher_train", "loss", "teacher_update",
+            "task", "method"}
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Suites shipped in ``kdbench/configs``."""
+    root = resources.files("kdbench") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")}
+
+
+def parse_value(text: str) -> Any:
+    """A CLI value as TOML (numbers, booleans, lists, quoted strings), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=2", "loss.kd.temperature=4"]`` → nested dict. Task names with "/" are
+    kept whole: ``task.glue/sst2.max_seq_length=64``."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not key=value (e.g. train.epochs=2)")
+            continue
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r} conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = parse_value(value)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
+    """Read a suite by built-in name or path and layer the CLI overrides on it."""
+    suites = builtin_suites()
+    path = Path(name_or_path)
+    if name_or_path in suites:
+        path = suites[name_or_path]
+    elif not path.is_file():
+        raise ConfigError(
+            f"suite {name_or_path!r} not found: not a file and not a built-in suite.{suggest(name_or_path, list(suites))} "
+            f"Available: {', '.join(sorted(suites))}"
+        )
+    try:
+        file_raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    cli_raw = parse_overrides(overrides or [])
+    problems: list[str] = []
+    for where, raw in ((str(path), file_raw), ("command line", cli_raw)):
+        for key in raw:
+            if key not in TOP_KEYS:
+                problems.append(f"{where}: unknown section {key!r}.{suggest(key, sorted(TOP_KEYS))}")
+        for key in raw.get("suite", {}):
+            if key not in SUITE_KEYS:
+                problems.append(f"{where} [suite]: unknown key {key!r}.{suggest(key, sorted(SUITE_KEYS))}")
+    merged = deep_merge(file_raw, cli_raw)
+    s = merged.get("suite", {})
+    suite = Suite(
+        name=str(s.get("name", path.stem)), path=str(path), file_raw=file_raw, cli_raw=cli_raw,
+        methods=_str_list(s.get("methods", []), "suite.methods", problems),
+        tasks=_str_list(s.get("tasks", []), "suite.tasks", problems),
+        students=_str_list(s.get("students", list(merged.get("students", {}))), "suite.students", problems),
+        seeds=[int(x) for x in s.get("seeds", [0])],
+        baselines=bool(s.get("baselines", True)), description=str(s.get("description", "")),
+        budget=str(s.get("budget", "")),
+        teachers=dict(merged.get("teachers", {})), student_defs=dict(merged.get("students", {})),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return suite
+
+
+def _str_list(value: Any, key: str, problems: list[str]) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{key} expects a list of names, got {value!r}")
+        return []
+    return list(value)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``top`` over ``base``, recursively."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def section(raw: dict[str, Any], *path: str) -> dict[str, Any]:
+    """``raw[path[0]][path[1]]...`` or {}."""
+    node: Any = raw
+    for part in path:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def task_section(raw: dict[str, Any], task: str) -> dict[str, Any]:
+    """Options for ``task`` from ``[task.*]``: globs first, the exact name last."""
+    tasks = raw.get("task", {})
+    out: dict[str, Any] = {}
+    for key in sorted(k for k in tasks if k != task and fnmatch.fnmatchcase(task, k)):
+        out.update(tasks[key])
+    out.update(tasks.get(task, {}))
+    return out
+
+
+def build_config(cls: type, layers: list[dict[str, Any]], where: str, problems: list[str]) -> Any:
+    """Instantiate the dataclass ``cls`` from option dicts (later layers win).
+
+    Unknown keys and wrong types are appended to ``problems`` (with suggestions); the defaults
+    are used for those keys so validation can continue.
+    """
+    if not dataclasses.is_dataclass(cls):
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in fields:
+                problems.append(f"{where}: unknown key {key!r}.{suggest(key, sorted(fields))} "
+                                f"Known: {', '.join(sorted(fields)) or '(none)'}")
+                continue
+            ok, coerced = coerce(value, hints[key])
+            if not ok:
+                problems.append(
+                    f"{where}: key {key!r} expects {_type_name(hints[key])}, got "
+                    f"{type(value).__name__} ({value!r}). Hint: in TOML, write numbers and "
+                    "booleans without quotes"
+                )
+                continue
+            values[key] = coerced
+    return cls(**values)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, lists to tuples."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, out = coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item_tp = args[0] if args else Any
+        items = []
+        for v in value:
+            ok, out = coerce(v, item_tp)
+            if not ok:
+                return False, value
+            items.append(out)
+        return True, tuple(items) if origin is tuple else items
+    if origin is dict:
+        return isinstance(value, dict), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp) if isinstance(tp, type) else True, value
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-able dict of a Config dataclass."""
+    if not dataclasses.is_dataclass(cfg):
+        return {}
+    return {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value

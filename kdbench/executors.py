@@ -1,0 +1,150 @@
+"""Running a planned matrix: skip finished cells, isolate failures, write every result atomically.
+
+``execute_cell`` is the unit every executor runs (in-process, or in a Ray worker): it turns
+exceptions into recorded statuses — a raise is ``failed``, a NaN/inf loss ``diverged`` (with the
+step), an out-of-memory error is retried with half the micro-batch (same effective batch, by
+gradient accumulation) up to ``train.oom_retries`` times — so one cell never stops the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kdbench.hookspecs import hookimpl
+from kdbench.results import FINAL, provenance, read_result, result_path, write_result
+from kdbench.types import NoConfig
+
+if TYPE_CHECKING:
+    from kdbench.manager import Host
+    from kdbench.plan import CellSpec
+
+@dataclass(frozen=True)
+class HostArgs:
+    """How to rebuild the same Host in another process (Ray workers)."""
+
+    extra: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
+    autoload: bool | None = None
+
+
+@dataclass
+class MatrixContext:
+    """Everything ``execute_cell`` needs, picklable for remote workers."""
+
+    results_dir: Path
+    cache_dir: Path
+    host_args: HostArgs = field(default_factory=HostArgs)
+    device: str = "auto"
+    suite_info: dict[str, Any] = field(default_factory=dict)  # description/budget, copied into results
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA/CPU out-of-memory errors, by type or message."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) -> dict[str, Any]:
+    """Run one cell with failure isolation, add provenance, write the result; return it."""
+    from kdbench.loop import Diverged
+    from kdbench.manager import Host as HostCls
+    from kdbench.manager import make_plugin_manager
+    from kdbench.results import new_result
+    from kdbench.runner import RunContext
+
+    if host is None:
+        a = mctx.host_args
+        host = HostCls(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+    ctx = RunContext(host, mctx.results_dir, mctx.cache_dir, mctx.device)
+    attempt, retries = spec, []
+    while True:
+        try:
+            result = host.run_cell(attempt, ctx)
+            break
+        except Diverged as exc:
+            result = new_result(spec)
+            result.update(status="diverged", reason=str(exc))
+            result["extra"]["diverged_step"] = exc.step
+            break
+        except Exception as exc:  # noqa: BLE001 - recorded, the matrix goes on
+            if is_oom(exc) and len(retries) < spec.train.oom_retries:
+                micro = (attempt.train.micro_batch_size or attempt.train.batch_size) // 2
+                if micro >= 1:
+                    retries.append({"error": f"{type(exc).__name__}: {exc}"[:300], "micro_batch_size": micro})
+                    attempt = dataclasses.replace(
+                        attempt, train=dataclasses.replace(attempt.train, micro_batch_size=micro))
+                    continue
+            result = new_result(spec)
+            status = "oom" if is_oom(exc) else "failed"
+            result.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            result["extra"]["error_kind"] = status
+            result["extra"]["traceback"] = traceback.format_exc(limit=8)[-4000:]
+            break
+    if retries:
+        result.setdefault("extra", {})["oom_retries"] = retries
+        result["extra"]["micro_batch_size"] = attempt.train.micro_batch_size
+    result["suite_info"] = dict(mctx.suite_info)
+    result["provenance"] = provenance(str(ctx.device), host.plugin_versions())
+    host.update_result(result)
+    write_result(mctx.results_dir, result)
+    return result
+
+
+def pending(specs: Sequence[CellSpec], results_dir: Path, retry_failed: bool) -> list[CellSpec]:
+    """Cells without a final result (and failed ones when ``retry_failed``)."""
+    todo = []
+    for spec in specs:
+        path = result_path(results_dir, spec.run_id)
+        if path.exists():
+            try:
+                status = read_result(path)["status"]
+            except Exception:  # noqa: BLE001 - a corrupt result is rerun
+                status = "corrupt"
+            if status in FINAL or (status == "failed" and not retry_failed):
+                continue
+        todo.append(spec)
+    return todo
+
+
+class Executor:
+    """Runs cells; subclasses decide where. ``map`` yields results as cells finish."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def map(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
+            on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Run every spec; yield each result dict."""
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """One cell after another in this process (the default)."""
+
+    name = "local"
+
+    def map(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
+            on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Sequential, in plan order (teacher cells first)."""
+        for spec in specs:
+            if on_start:
+                on_start(spec)
+            yield execute_cell(spec, mctx, host)
+
+
+@hookimpl
+def kdbench_register_executors(register: Any) -> None:
+    """The local executor."""
+    register(LocalExecutor)

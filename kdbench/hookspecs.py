@@ -1,0 +1,122 @@
+"""Hook specifications: the plugin author's reference.
+
+Built-in plugins (``plugins/kdbench_builtins``) implement exactly these hooks; third-party
+distributions expose a module through the ``kdbench`` entry-point group. Implementations may accept
+any subset of a hook's arguments. Hooks are always called with keyword arguments.
+
+Registration hooks run once per process, every implementation in turn; each receives a
+``register`` callable (:class:`kdbench.registry.Registrar`) and calls it once per component. The
+key is the component's ``name`` attribute. Components are then chosen by name from the
+configuration and called directly by the runner: a teacher-update rule is *not* a hook, because
+exactly one rule runs per cell.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import pandas as pd
+
+    from kdbench.config import Suite
+    from kdbench.plan import CellSpec
+    from kdbench.registry import Registrar
+    from kdbench.runner import RunContext
+    from kdbench.types import DistillLoss, Method, ModelKind, StudentKind, Task, TeacherUpdate
+
+hookspec = pluggy.HookspecMarker("kdbench")
+hookimpl = pluggy.HookimplMarker("kdbench")
+
+# -- registration ------------------------------------------------------------------------------
+
+
+@hookspec
+def kdbench_register_tasks(register: Registrar[type[Task]]) -> None:
+    """Register task classes: ``register(Sst2)``; the key is ``Task.name`` (e.g. "glue/sst2")."""
+
+
+@hookspec
+def kdbench_register_models(register: Registrar[type[ModelKind]]) -> None:
+    """Register model kinds usable as teacher or student: ``register(HFModel)`` ("hf")."""
+
+
+@hookspec
+def kdbench_register_students(register: Registrar[type[StudentKind]]) -> None:
+    """Register ways to make a student from a teacher, e.g. "pick-layers" (k layers of a
+    checkpoint) or "model" (its own checkpoint or architecture)."""
+
+
+@hookspec
+def kdbench_register_losses(register: Registrar[type[DistillLoss]]) -> None:
+    """Register distillation losses: ``register(HintonKD)``; the key is ``DistillLoss.name``."""
+
+
+@hookspec
+def kdbench_register_teacher_updates(register: Registrar[type[TeacherUpdate]]) -> None:
+    """Register teacher-update rules: ``register(MetaDistil)``; key ``TeacherUpdate.name``.
+
+    See :class:`kdbench.types.TeacherUpdate` for the prepare/step contract.
+    """
+
+
+@hookspec
+def kdbench_register_methods(register: Registrar[Method]) -> None:
+    """Register methods (teacher update + loss + defaults + paper); leaderboards rank these."""
+
+
+@hookspec
+def kdbench_register_executors(register: Registrar[type[Any]]) -> None:
+    """Register matrix executors (``kdbench.executors.Executor`` subclasses), e.g. "ray"."""
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@hookspec
+def kdbench_configure(suite: Suite) -> list[str] | None:
+    """Validate the merged configuration before planning.
+
+    Return a list of problems (strings; empty or None when fine). The host collects every
+    problem from every plugin and reports them together. Do not mutate ``suite``.
+    """
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def kdbench_run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any] | None:
+    """Train and evaluate one cell (method x task x student x seed); return its result dict.
+
+    Stops at the first non-None result. ``kdbench.runner`` implements the shared loop
+    ``trylast``. Wrap it with ``@hookimpl(wrapper=True)`` to time or profile cells, or return a
+    result first to replace the loop for some cells.
+    """
+
+
+@hookspec
+def kdbench_log_metrics(spec: CellSpec, step: int, metrics: Mapping[str, float]) -> None:
+    """Observe training metrics (loss terms by name, lr, teacher-update metrics, eval scores)
+    every ``train.log_every`` steps and after every evaluation. Must not mutate ``metrics``."""
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+@hookspec
+def kdbench_update_result(result: dict[str, Any]) -> None:
+    """Add provenance to a cell's result before it is written: mutate ``result["provenance"]``
+    or ``result["extra"]`` in place."""
+
+
+@hookspec(firstresult=True)
+def kdbench_render_leaderboard(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) -> str | None:
+    """Return the leaderboard text for one suite; stops at the first non-None result.
+
+    ``board`` has one row per (method, task, student, seed) result; ``meta`` carries the
+    protocol and provenance summary. ``kdbench.leaderboard`` renders markdown ``trylast``.
+    """

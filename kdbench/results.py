@@ -1,0 +1,124 @@
+"""Result files: one JSON per cell, written atomically, loaded into pandas with one call.
+
+Schema (``SCHEMA_VERSION``): run_id, suite, method, task, student, teacher, seed, status
+(ok | failed | diverged | n-a), reason, metrics {best, last} ({"split/metric": value}),
+protocol {selection, best_epoch, epochs_run, steps}, config (the resolved configuration),
+versions, data (what the data pipeline chose), teacher (the teacher record), wall_s,
+peak_memory_mb, throughput {samples_per_s, train_s, model_flops_per_sample, mfu}, seeds,
+provenance (library versions, git commit, device, plugins), extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdbench.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from kdbench.plan import CellSpec
+
+SCHEMA_VERSION = 1
+FINAL = ("ok", "n-a", "diverged")  # statuses a rerun skips; "failed" is retried with --retry-failed
+
+
+def new_result(spec: CellSpec) -> dict[str, Any]:
+    """A result skeleton for ``spec`` (status "failed" until the runner says otherwise)."""
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": spec.run_id, "suite": spec.suite,
+        "method": spec.method, "task": spec.task, "student": spec.student, "teacher_name": spec.teacher,
+        "seed": spec.seed, "status": "failed", "reason": "", "metrics": {}, "protocol": {},
+        "config": spec.resolved(), "versions": dict(spec.versions), "wall_s": 0.0,
+        "peak_memory_mb": 0.0, "throughput": {}, "extra": {"last_metrics": {}},
+    }
+
+
+def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
+    """Library versions, git commit, device and plugin versions."""
+    import importlib.metadata as md
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    return {
+        "kdbench": version("kdbench"), "torch": version("torch"),
+        "transformers": version("transformers"), "datasets": version("datasets"),
+        "evaluate": version("evaluate"), "python": sys.version.split()[0],
+        "platform": platform.platform(), "git_commit": git_commit(), "device": device,
+        "plugins": plugins,
+    }
+
+
+def git_commit() -> str:
+    """The commit of the kdbench source tree, or "" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=False)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def result_path(results_dir: Path, run_id: str) -> Path:
+    """``<results_dir>/<run_id>.json``."""
+    return results_dir / f"{run_id}.json"
+
+
+def write_result(results_dir: Path, result: dict[str, Any]) -> Path:
+    """Write atomically: temp file in the same directory, fsync, rename."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = result_path(results_dir, result["run_id"])
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1, sort_keys=True, default=str, allow_nan=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """Read one result file; a corrupt file is a DataError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable result file ({exc}). Hint: delete it and rerun the cell") from exc
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: not a kdbench result of schema {SCHEMA_VERSION}. Hint: delete it and rerun")
+    return data
+
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """All results below ``results_dir`` as a DataFrame, one row per cell.
+
+    Columns: the scalar fields (run_id, method, task, student, seed, status, ...), ``best.<split/metric>``
+    and ``last.<split/metric>`` metric columns, ``samples_per_s``, ``mfu`` and ``result`` (the dict).
+    """
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        r = read_result(path)
+        row: dict[str, Any] = {k: r.get(k) for k in ("run_id", "suite", "method", "task", "student",
+                                                       "teacher_name", "seed", "status", "reason",
+                                                       "wall_s", "peak_memory_mb")}
+        for which in ("best", "last"):
+            for key, value in (r.get("metrics", {}).get(which) or {}).items():
+                row[f"{which}.{key}"] = value
+        row["samples_per_s"] = r.get("throughput", {}).get("samples_per_s")
+        row["mfu"] = r.get("throughput", {}).get("mfu")
+        row["train_s"] = r.get("throughput", {}).get("train_s")
+        row["result"] = r
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,220 @@
+"""Built-in plugin: the default ``kdbench_run_cell`` (trylast) assembles one cell and trains it.
+
+teacher cell:  pre-trained teacher --CE, shared loop--> fine-tuned teacher, cached (teachers.py)
+method cell:   cached teacher + fresh student + loss + teacher-update rule --shared loop--> result
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdbench.errors import NotApplicable
+from kdbench.hookspecs import hookimpl
+from kdbench.loop import Loop, LoopState, generator, save_path, seed_for
+from kdbench.results import new_result
+
+if TYPE_CHECKING:
+    from kdbench.manager import Host
+    from kdbench.plan import CellSpec
+
+
+@dataclass
+class RunContext:
+    """Where a cell runs and writes."""
+
+    host: Host
+    results_dir: Path
+    cache_dir: Path
+    device_name: str = "auto"
+    stash: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """The resolved torch device."""
+        if self.device_name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device_name)
+
+
+def resolve_device(ctx: RunContext, spec: CellSpec) -> torch.device:
+    """The suite's train.device wins over the run context's default."""
+    return torch.device(spec.train.device) if spec.train.device != "auto" else ctx.device
+
+
+def set_determinism(on: bool) -> None:
+    """torch deterministic algorithms (CPU runs are deterministic regardless)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def seed_global(seed: int) -> dict[str, int]:
+    """Seed the global RNGs that library code (dropout) draws from; return the seeds used."""
+    s = seed_for(seed, "global")
+    torch.manual_seed(s)
+    random.seed(s)
+    return {"global(dropout)": s, "order": seed_for(seed, "order", 0), "augment": seed_for(seed, "augment"),
+            "rule": seed_for(seed, "rule"), "init": seed_for(seed, "init"), "quiz": seed_for(seed, "quiz", 0)}
+
+
+def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
+    """Train and evaluate one cell; the default implementation of ``kdbench_run_cell``."""
+    from kdbench import teachers
+    from kdbench.data import prepare_data
+
+    host = ctx.host
+    result = new_result(spec)
+    if spec.na_reason:
+        result.update(status="n-a", reason=spec.na_reason)
+        return result
+    t_start = time.perf_counter()
+    device = resolve_device(ctx, spec)
+    set_determinism(spec.train.deterministic)
+    task = host.tasks.get(spec.task)(spec.task_cfg)
+    teacher_kind = host.models.get(spec.teacher_kind)(spec.teacher_cfg)
+    init_gen = generator(seed_for(spec.seed, "init"))
+    teacher = teacher_kind.build(task.num_labels, init_gen)
+    data = prepare_data(task, tokenizer=teacher.tokenizer, cache_dir=ctx.cache_dir / "data")
+    result["data"] = data.info
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if metrics:
+            host.log_metrics(spec, step, metrics)
+            result["extra"]["last_metrics"].update(metrics)
+
+    teacher_record = teachers.get_or_train(spec, teacher, task, data, device, ctx, log)
+    result["teacher"] = teacher_record
+    if spec.is_teacher:
+        result.update(status="ok", metrics=teacher_record["metrics"],
+                      wall_s=time.perf_counter() - t_start)
+        result["extra"]["cached_teacher"] = teacher_record.get("cached", False)
+        result["throughput"] = teacher_record.get("throughput", {})
+        return result
+
+    teacher.to(device)
+    student_kind = host.students.get(spec.student_kind)(spec.student_cfg)
+    student = student_kind.build(teacher_kind, task.num_labels, init_gen).to(device)
+    loss_cls = host.losses.get(spec.loss)
+    loss = loss_cls(spec.loss_cfg, task=task, teacher=teacher, student=student).to(device)
+    rule = host.teacher_updates.get(spec.teacher_update)(spec.teacher_update_cfg)
+    data = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
+    cache_ok = (not rule.changes_teacher and not task.augments and loss.uses_teacher
+                and not (loss.needs & {"hidden", "attentions"}))
+    seeds = seed_global(spec.seed)
+    stash: dict[str, Any] = {"pretrained_teacher": lambda: teacher_kind.build(
+        task.num_labels, generator(seed_for(spec.seed, "init"))).to(device)}
+    ckpt = save_path(ctx.cache_dir, spec.run_id)
+    loop = Loop(task, data, student, teacher, loss, rule, spec.train, spec.seed, device, log,
+                checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash)
+    resumed = load_checkpoint(loop, ckpt)
+    try:
+        state = loop.run()
+    except NotApplicable as exc:
+        result.update(status="n-a", reason=str(exc))
+        return result
+    wall = time.perf_counter() - t_start
+    result.update(status="ok", wall_s=wall)
+    _fill_metrics(result, loop, state)
+    result["extra"].update(resumed_from_step=resumed, teacher_cache=cache_ok,
+                           params={"teacher": teacher.num_parameters(), "student": student.num_parameters()})
+    result["seeds"] = seeds
+    result["throughput"] = throughput(state, student, teacher, data, rule, cache_ok, device)
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    ckpt.unlink(missing_ok=True)
+    return result
+
+
+def _fill_metrics(result: dict[str, Any], loop: Loop, state: LoopState) -> None:
+    result["metrics"] = {"best": state.best, "last": state.history[-1] if state.history else {}}
+    result["metrics"]["last"] = {k: v for k, v in result["metrics"]["last"].items() if k != "epoch"}
+    result["protocol"] = {"selection": loop.selection_key(), "best_epoch": state.best_epoch,
+                          "epochs_run": len(state.history), "steps": state.step}
+    result["history"] = state.history
+
+
+def throughput(state: LoopState, student: Any, teacher: Any, data: Any, rule: Any, cached: bool,
+               device: torch.device) -> dict[str, float]:
+    """Samples/s over training time and model FLOPs utilisation (when the peak is known)."""
+    sps = state.samples / state.train_seconds if state.train_seconds else 0.0
+    out = {"samples_per_s": sps, "train_s": state.train_seconds}
+    seq = int(data.info.get("mean_tokens", 128) or 128)
+    try:
+        fs, ft = student.flops_per_example(seq), teacher.flops_per_example(seq)
+    except NotImplementedError:
+        return out
+    flops = 3 * fs + (0 if cached else ft)  # model FLOPs of a KD step; rules add their own work
+    out["model_flops_per_sample"] = flops
+    peak = float(os.environ.get("KDBENCH_PEAK_TFLOPS", "0") or 0) * 1e12
+    if peak and device.type == "cuda":
+        out["mfu"] = flops * sps / peak
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA), else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_checkpoint(loop: Loop, path: Path) -> None:
+    """Atomically write everything needed to resume ``loop`` exactly."""
+    state = {
+        "student": loop.student.state_dict(), "loss": loop.loss.state_dict(),
+        "opt": loop.opt.state_dict(), "sched": loop.sched.state_dict(),
+        "rule": loop.rule.state_dict(),
+        "teacher": loop.teacher.state_dict() if loop.rule.changes_teacher and loop.teacher else None,
+        "loop": vars(loop.state), "aug_gen": loop.aug_gen.get_state(),
+        "rule_gen": loop.rule_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "quiz": loop.quiz.state_dict() if loop.quiz is not None else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(loop: Loop, path: Path) -> int:
+    """Restore ``loop`` from ``path`` if present and readable; return the step resumed from."""
+    if not path.exists():
+        return 0
+    try:
+        state = torch.load(path, map_location=loop.device, weights_only=True)
+    except Exception:  # a torn or foreign file: start over rather than trust it
+        path.unlink(missing_ok=True)
+        return 0
+    loop.student.load_state_dict(state["student"])
+    loop.loss.load_state_dict(state["loss"])
+    loop.opt.load_state_dict(state["opt"])
+    loop.sched.load_state_dict(state["sched"])
+    loop.pending_rule_state = state["rule"]
+    if state["teacher"] is not None and loop.teacher is not None:
+        loop.teacher.load_state_dict(state["teacher"])
+    loop.state = LoopState(**state["loop"])
+    loop.aug_gen.set_state(state["aug_gen"])
+    loop.rule_gen.set_state(state["rule_gen"])
+    torch.set_rng_state(state["torch_rng"])
+    if loop.quiz is not None and state["quiz"] is not None:
+        loop.quiz.load_state_dict(state["quiz"])
+    return loop.state.step
+
+
+@hookimpl(trylast=True)
+def kdbench_run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
+    """The shared loop."""
+    return run_cell(spec, ctx)

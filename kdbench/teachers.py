@@ -1,0 +1,118 @@
+"""One fine-tuned teacher per (task, teacher model, seed), cached and shared by every method.
+
+The cache key hashes everything that determines the teacher: the model kind and options, the
+task, its version, options and data fingerprint, the fine-tuning recipe and the seed. Entries are
+safetensors files with an integrity hash (kdbench.checkpoints); a corrupt entry is rebuilt, never
+trusted. A lock file keeps two workers (Ray) from training the same teacher at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdbench.checkpoints import CorruptCheckpoint, load_state, save_state
+from kdbench.config import as_dict
+from kdbench.loop import Loop, seed_for
+from kdbench.plan import config_hash
+from kdbench.types import TeacherUpdate
+
+if TYPE_CHECKING:
+    from kdbench.data import TaskData
+    from kdbench.plan import CellSpec
+    from kdbench.runner import RunContext
+    from kdbench.types import KDModel, Task
+
+
+def cache_key(spec: CellSpec, data: TaskData) -> str:
+    """Content key of the fine-tuned teacher for ``spec``."""
+    return config_hash({
+        "teacher": {"kind": spec.teacher_kind, **as_dict(spec.teacher_cfg)},
+        "task": spec.task, "task_version": spec.versions.get("task", ""),
+        "task_options": as_dict(spec.task_cfg), "data": data.fingerprint,
+        "recipe": as_dict(spec.teacher_train), "seed": spec.seed,
+    }, n=16)
+
+
+class _Lock:
+    """An O_EXCL lock file; a lock left by a dead process is taken over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or "0")
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale
+                    continue
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def get_or_train(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, device: torch.device,
+                 ctx: RunContext, log: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
+    """Load the cached fine-tuned weights into ``teacher`` or fine-tune and cache them.
+
+    Returns the teacher record: ``key``, ``metrics`` (best/last), ``cached`` and, when trained
+    now, ``throughput``.
+    """
+    key = cache_key(spec, data)
+    path = ctx.cache_dir / "teachers" / f"{key}.safetensors"
+    with _Lock(path.with_suffix(".lock")):
+        if path.exists():
+            try:
+                tensors, meta = load_state(path)
+                teacher.load_state_dict(tensors)
+                record = json.loads(meta["record"])
+                return {**record, "cached": True}
+            except (CorruptCheckpoint, KeyError, RuntimeError, json.JSONDecodeError):
+                path.unlink(missing_ok=True)  # rebuilt below
+        record = _fine_tune(spec, teacher, task, data, device, ctx, log)
+        record["key"] = key
+        tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+        save_state(path, tensors, {"record": json.dumps(record)})
+    return {**record, "cached": False}
+
+
+def _fine_tune(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, device: torch.device,
+               ctx: RunContext, log: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    teacher.to(device)
+    torch.manual_seed(seed_for(spec.seed, "teacher-global"))  # dropout draws from the global RNG
+    ce = ctx.host.losses.get("ce")
+    loss = ce(ce.Config(), task=task, teacher=None, student=teacher).to(device)
+    on_device = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
+    loop = Loop(task, on_device, teacher, None, loss, TeacherUpdate(None), spec.teacher_train,
+                spec.seed, device, lambda step, m: log(step, {f"teacher/{k}": v for k, v in m.items()}),
+                keep_best=True)
+    state = loop.run()
+    if loop.best_weights is not None:
+        teacher.load_state_dict(loop.best_weights)
+    last = {k: v for k, v in (state.history[-1] if state.history else {}).items() if k != "epoch"}
+    sps = state.samples / state.train_seconds if state.train_seconds else 0.0
+    return {"metrics": {"best": state.best, "last": last},
+            "protocol": {"selection": loop.selection_key(), "best_epoch": state.best_epoch,
+                         "epochs_run": len(state.history)},
+            "throughput": {"samples_per_s": sps, "train_s": state.train_seconds},
+            "params": teacher.num_parameters(), "origin": teacher.origin}

@@ -1,0 +1,3 @@
+"""Use kdbench's fixtures for plugin authors."""
+
+pytest_plugins = ["kdbench.testing"]

@@ -1,0 +1,304 @@
+"""ReptileDistil (Ma, Wang, Yu, Zhang, COLING 2022): a first-order, Reptile-style teacher update.
+
+Per training batch (shared/docs/methods.md §5.1): (a) copy the student into fast weights and take
+``inner_steps`` KD steps on the batch (a fresh AdamW each time, as the reference code does);
+(b) set the teacher's pseudo-gradient ``g_T = θ_T − θ'_S`` on the parameters mapped from the
+student, clip it and step the teacher's own persistent AdamW; (c) the runner then takes the real
+student step against the updated teacher. No deepcopy: the copy lives in preallocated buffers that
+are refreshed with ``torch._foreach_copy_`` and run through ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import kdbench
+from kdbench import Batch, ConfigError, Method, ModelOutput, NotApplicable, StepContext, TeacherUpdate
+
+MAPPINGS = ("first", "last", "skip", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class ReptileConfig:
+    """Options of the ``reptile`` teacher update (defaults: the reference README commands)."""
+
+    teacher_lr: float = 5e-5  # learning rate of the teacher's own optimizer
+    teacher_optimizer: str = "adamw"  # "adamw" (reference) | "sgd" (plain interpolation, no momentum)
+    teacher_weight_decay: float = 0.0  # teacher AdamW weight decay (bias/LayerNorm excluded)
+    teacher_warmup: float = 0.0  # warmup fraction of the teacher's linear schedule
+    max_grad_norm: float = 1.0  # clip of the teacher pseudo-gradient; 0 disables
+    mapping: str = "skip"  # student layer i -> teacher layer(s): "first" | "last" | "skip" | "both"
+    inner_steps: int = 1  # inner updates of the student copy per batch
+    inner_optimizer: str = "fresh_adamw"  # "fresh_adamw" (lr = train.lr, zero moments) | "sgd"
+    inner_lr: float = 5e-5  # step size of the "sgd" inner optimizer
+    inner_max_grad_norm: float = 1.0  # clip of the inner gradient; 0 disables
+    adam_eps: float = 1e-8  # epsilon of both AdamWs
+
+
+def _no_decay(name: str) -> bool:
+    """Biases and normalisation weights get no weight decay (BERT convention)."""
+    return name.endswith("bias") or "norm" in name.lower()
+
+
+def _layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList holding the model's ``num_layers`` transformer layers, with its name."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and num_layers > 0:
+            if len({type(m) for m in mod}) == 1:
+                return name, mod
+    return None
+
+
+def layer_map(strategy: str, n_student: int, n_teacher: int) -> dict[int, tuple[int, ...]]:
+    """Student layer index -> teacher layer indices (0-based) for a mapping strategy.
+
+    Raises:
+        NotApplicable: the depths do not fit the strategy.
+    """
+    if strategy not in MAPPINGS:
+        raise ConfigError(f"teacher_update 'reptile' key 'mapping' must be one of {MAPPINGS}, "
+                          f"got {strategy!r}")
+    if n_student > n_teacher:
+        raise NotApplicable(f"reptile: student has {n_student} layers, teacher only {n_teacher}")
+    if strategy == "both":
+        if n_teacher != 2 * n_student:
+            raise NotApplicable(f"reptile mapping 'both' needs a teacher twice as deep as the "
+                                f"student ({n_student} vs {n_teacher} layers). Hint: use 'skip'.")
+        return {i: (2 * i, 2 * i + 1) for i in range(n_student)}
+    if strategy == "first":
+        return {i: (i,) for i in range(n_student)}
+    if strategy == "last":
+        return {i: (i + n_teacher - n_student,) for i in range(n_student)}
+    return {i: ((i + 1) * n_teacher // n_student - 1,) for i in range(n_student)}
+
+
+def parameter_pairs(student: nn.Module, teacher: nn.Module, strategy: str) -> list[tuple[str, str]]:
+    """(student name, teacher name) pairs by structure: layer i of the student's layer list maps
+    to the strategy's teacher layer(s); every other parameter maps to the same name.
+
+    Raises:
+        NotApplicable: a name has no teacher counterpart or two paired shapes differ.
+    """
+    s_params, t_params = dict(student.named_parameters()), dict(teacher.named_parameters())
+    n_s, n_t = _num_layers(student), _num_layers(teacher)
+    s_list, t_list = _layer_list(student, n_s), _layer_list(teacher, n_t)
+    mapped: dict[str, list[str]] = {}
+    if s_list is not None and t_list is not None:
+        (s_pre, s_mods), (t_pre, t_mods) = s_list, t_list
+        for i, js in layer_map(strategy, len(s_mods), len(t_mods)).items():
+            for rest, _ in s_mods[i].named_parameters():
+                mapped[f"{s_pre}.{i}.{rest}"] = [f"{t_pre}.{j}.{rest}" for j in js]
+    pairs = [(n, t) for n in s_params for t in mapped.get(n, [n])]  # student order
+    for s_name, t_name in pairs:
+        if t_name not in t_params:
+            raise NotApplicable(f"reptile: student parameter {s_name!r} has no teacher counterpart "
+                                f"{t_name!r}; reptile needs the teacher's architecture. Hint: "
+                                "choose a student of the teacher's family and width.")
+        s_shape, t_shape = tuple(s_params[s_name].shape), tuple(t_params[t_name].shape)
+        if s_shape != t_shape:
+            raise NotApplicable(f"reptile: student {s_name!r} {s_shape} and teacher {t_name!r} "
+                                f"{t_shape} have mismatched shapes; reptile needs identical shapes. "
+                                "Hint: choose a student of the teacher's width.")
+    return pairs
+
+
+def _num_layers(model: nn.Module) -> int:
+    """``model.num_layers``, or 0 when the model does not define it."""
+    try:
+        return int(model.num_layers)  # type: ignore[attr-defined]
+    except (NotImplementedError, AttributeError, TypeError):
+        return 0
+
+
+def _clip_(grads: list[Tensor], max_norm: float) -> Tensor:
+    """Scale ``grads`` in place to total norm <= ``max_norm`` (0 = no clip); returns the norm."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
+class Reptile(TeacherUpdate):
+    """``reptile``: inner KD update of a student copy, then the teacher steps toward the copy."""
+
+    name = "reptile"
+    version = "1"
+    Config = ReptileConfig
+    changes_teacher = True
+    needs_quiz = False
+
+    def __init__(self, cfg: ReptileConfig) -> None:
+        super().__init__(cfg)
+        for key, val, ok in (("mapping", cfg.mapping, MAPPINGS),
+                             ("inner_optimizer", cfg.inner_optimizer, ("fresh_adamw", "sgd")),
+                             ("teacher_optimizer", cfg.teacher_optimizer, ("adamw", "sgd"))):
+            if val not in ok:
+                raise ConfigError(f"teacher_update 'reptile' key {key!r} must be one of {ok}, "
+                                  f"got {val!r}")
+        if cfg.inner_steps < 1:
+            raise ConfigError("teacher_update 'reptile' key 'inner_steps' must be >= 1")
+        self.pairs: list[tuple[str, str]] = []
+        self.opt: torch.optim.Optimizer | None = None
+        self.sched: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def prepare(self, ctx: StepContext) -> dict[str, float]:
+        """Map student to teacher parameters, allocate fast weights, build the teacher optimizer.
+
+        Raises:
+            NotApplicable: the pair's parameters cannot be matched (names or shapes).
+        """
+        cfg = self.cfg
+        self.pairs = parameter_pairs(ctx.student, ctx.teacher, cfg.mapping)
+        s_params = dict(ctx.student.named_parameters())
+        self._s_names = [n for n in s_params if s_params[n].requires_grad]
+        self._s_list = [s_params[n] for n in self._s_names]
+        with torch.no_grad():  # fast weights: leaf tensors refreshed in place every step
+            self._fast = [p.detach().clone().requires_grad_(True) for p in self._s_list]
+            self._bufs = {n: b.detach().clone() for n, b in ctx.student.named_buffers()}
+        self._s_bufs = dict(ctx.student.named_buffers())
+        fast_of = dict(zip(self._s_names, self._fast, strict=True))
+        t_params = dict(ctx.teacher.named_parameters())
+        self._t_names = list(dict.fromkeys(t for _, t in self.pairs))
+        self._t_list = [t_params[t] for t in self._t_names]
+        # one (teacher index, fast weight) per pair; fixed student params are not pulled
+        self._pair_idx = [(self._t_names.index(t), fast_of[s]) for s, t in self.pairs if s in fast_of]
+        self._decay = [not _no_decay(n) for n in self._s_names]
+        decay = [p for n, p in t_params.items() if not _no_decay(n)]
+        rest = [p for n, p in t_params.items() if _no_decay(n)]
+        groups = [{"params": decay, "weight_decay": cfg.teacher_weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        if cfg.teacher_optimizer == "adamw":
+            self.opt = torch.optim.AdamW(groups, lr=cfg.teacher_lr, eps=cfg.adam_eps)
+        else:
+            self.opt = torch.optim.SGD(groups, lr=cfg.teacher_lr, momentum=0.0)
+        total = max(int(ctx.total_steps), 1)
+        warm = int(cfg.teacher_warmup * total)
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return step / max(warm, 1)
+            return max(0.0, (total - step) / max(total - warm, 1))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+        n_mapped = len(self._t_names)
+        return {"teacher/mapped_tensors": float(n_mapped),
+                "teacher/unmapped_tensors": float(len(t_params) - n_mapped)}
+
+    def _inner_grads(self, ctx: StepContext, batch: Batch, teacher_out: ModelOutput) -> list[Tensor]:
+        """Gradient of the cell's summed loss terms w.r.t. the fast weights (student order)."""
+        params = dict(zip(self._s_names, self._fast, strict=True))
+        for n, b in self._bufs.items():
+            b.copy_(self._s_bufs[n])  # in-place buffer updates (BatchNorm) must not leak
+        with ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext():
+            out = torch.func.functional_call(ctx.student, {**params, **self._bufs},
+                                             (batch.inputs,), {"want": ctx.want})
+        terms = ctx.loss(out, teacher_out, batch)
+        loss = torch.stack([v.float() for v in terms.values()]).sum()
+        grads = torch.autograd.grad(loss, self._fast, allow_unused=True)
+        return [torch.zeros_like(f) if g is None else g for f, g in zip(self._fast, grads, strict=True)]
+
+    @torch.no_grad()
+    def _adamw_(self, grads: list[Tensor], m: list[Tensor], v: list[Tensor], t: int,
+                lr: float, wd: float) -> None:
+        """AdamW step ``t`` (1-based) on the fast weights, same arithmetic as torch.optim.AdamW."""
+        b1, b2 = 0.9, 0.999
+        if wd:
+            decayed = [f for f, d in zip(self._fast, self._decay, strict=True) if d]
+            if decayed:
+                torch._foreach_mul_(decayed, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**t))
+        torch._foreach_add_(denom, self.cfg.adam_eps)
+        torch._foreach_addcdiv_(self._fast, m, denom, value=-lr / (1 - b1**t))
+
+    def step(self, ctx: StepContext) -> dict[str, Any]:
+        """Inner update of the fast copy, teacher pseudo-gradient step; the student is untouched.
+
+        Returns:
+            ``{"teacher/pseudo_grad_norm": 0-d tensor}`` (pre-clip norm; a tensor to avoid a host
+            sync, read it with ``float()`` when logging).
+        """
+        cfg = self.cfg
+        if self.opt is None or self.sched is None or ctx.batch is None:
+            raise RuntimeError("reptile.step() called before prepare() or without a batch")
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(self._fast, self._s_list)
+        teacher_out = ctx.teacher_forward(ctx.batch.inputs, grad=False)
+        adam = cfg.inner_optimizer == "fresh_adamw"
+        if adam:  # fresh AdamW every outer step: zero moments, step counter from 1
+            m = [torch.zeros_like(f) for f in self._fast]
+            v = [torch.zeros_like(f) for f in self._fast]
+            lr, wd = float(ctx.train.lr), float(getattr(ctx.train, "weight_decay", 0.0))
+        for t in range(1, cfg.inner_steps + 1):
+            grads = self._inner_grads(ctx, ctx.batch, teacher_out)
+            _clip_(grads, cfg.inner_max_grad_norm)
+            if adam:
+                self._adamw_(grads, m, v, t, lr, wd)
+            else:
+                with torch.no_grad():
+                    torch._foreach_add_(self._fast, grads, alpha=-cfg.inner_lr)
+        with torch.no_grad():
+            for ti, fast in self._pair_idx:  # g_T = Σ over mapped copies of (θ_T − θ'_S)
+                p = self._t_list[ti]
+                diff = p.detach() - fast.detach()
+                p.grad = diff if p.grad is None else p.grad.add_(diff)
+            grads_t = [p.grad for p in self._t_list if p.grad is not None]
+            norm = _clip_(grads_t, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"teacher/pseudo_grad_norm": norm.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Teacher optimizer and schedule."""
+        if self.opt is None or self.sched is None:
+            return dict(self._pending or {})
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; before prepare() the state is kept and applied there."""
+        if self.opt is None or self.sched is None:
+            self._pending = dict(state)
+            return
+        if state:
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+        self._pending = None
+
+
+def _iter_methods() -> Iterator[Method]:
+    yield Method(
+        name="reptile-distil", teacher_update="reptile", loss="kd",
+        defaults={"loss": {"alpha": 0.5, "temperature": 5.0},
+                  "teacher_update": {"mapping": "skip", "teacher_lr": 5e-5}},
+        paper="Ma, Wang, Yu, Zhang. Knowledge Distillation with Reptile Meta-Learning for "
+              "Pretrained Language Model Compression. COLING 2022",
+        description="Teacher moves toward a one-step KD-updated student copy (first-order).",
+    )
+
+
+@kdbench.hookimpl
+def kdbench_register_teacher_updates(register: kdbench.Registrar) -> None:
+    """The ``reptile`` rule."""
+    register(Reptile)
+
+
+@kdbench.hookimpl
+def kdbench_register_methods(register: kdbench.Registrar) -> None:
+    """The ``reptile-distil`` method."""
+    for m in _iter_methods():
+        register(m)

@@ -1,0 +1,187 @@
+"""Ways to make a student: its own model kind, or k layers picked from a checkpoint.
+
+``model`` (:class:`ModelStudentConfig`)
+    The student is any model kind with its own options; the config is ``kind`` (a model kind
+    name) plus ``options`` (that kind's config as a table), e.g. ``{kind = "resnet20"}`` or
+    ``{kind = "hf", options = {checkpoint = "huawei-noah/TinyBERT_General_4L_312D"}}``.
+
+``pick-layers`` (:class:`PickLayersConfig`)
+    ``layers`` transformer layers of a pre-trained text checkpoint: by default the teacher kind's
+    own checkpoint *before* fine-tuning (what ``teacher.build`` loads; for ``tiny-bert`` that is
+    a random init drawn from the build generator), or an explicit ``checkpoint``. PKD
+    initialises its students from the first layers of pre-trained ``bert-base-uncased`` and
+    MetaDistil from pre-trained BERT ("well-read student"), never from the fine-tuned teacher
+    (methods.md §1). Embeddings and pooler are copied, the picked layers are copied exactly, and
+    the classifier head is freshly drawn from the build generator. E.g.
+    ``{layers = 6, pick = "skip"}`` or ``{layers = 3, pick = [0, 2, 4]}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdbench.errors import ConfigError
+from kdbench.hookspecs import hookimpl
+from kdbench.types import KDModel, ModelKind, StudentKind
+from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, seeded
+from kdbench_builtins.models_vision import VISION_KINDS
+
+
+def builtin_model_kinds() -> dict[str, type[ModelKind]]:
+    """The model kinds this package ships, by name."""
+    return {TinyBert.name: TinyBert, HFModel.name: HFModel, **VISION_KINDS}
+
+
+def make_config(cls: type[ModelKind], options: dict[str, Any], where: str) -> Any:
+    """``cls.Config(**options)``, with unknown keys reported as a one-line ConfigError."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(cls.Config) else set()
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(repr, unknown))} for model "
+                          f"kind {cls.name!r}; valid: {', '.join(sorted(fields)) or '(none)'}")
+    return cls.Config(**options)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStudentConfig:
+    """Options of the ``model`` student: a model kind and that kind's options."""
+
+    kind: str = ""  # model kind name, e.g. "resnet20", "hf", "tiny-bert"
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's Config fields
+
+
+class ModelStudent(StudentKind):
+    """``model``: the student is its own architecture or checkpoint."""
+
+    name = "model"
+    Config = ModelStudentConfig
+
+    def model_kind(self) -> ModelKind:
+        """The configured model kind, instantiated with its options."""
+        kinds = builtin_model_kinds()
+        c: ModelStudentConfig = self.cfg
+        if c.kind not in kinds:
+            raise ConfigError(f"student.kind = {c.kind!r} is not a model kind; choose one of "
+                              f"{', '.join(sorted(kinds))}")
+        cls = kinds[c.kind]
+        return cls(make_config(cls, dict(c.options), "student.options"))
+
+    def modality(self, teacher: ModelKind) -> str:
+        """The student kind's own modality."""
+        return self.model_kind().modality
+
+    def build(self, teacher: ModelKind, num_labels: int, generator: torch.Generator) -> KDModel:
+        """Build the configured kind; it must consume the teacher's inputs (same modality)."""
+        kind = self.model_kind()
+        if kind.modality != teacher.modality:
+            raise ConfigError(f"student {kind.name!r} is a {kind.modality} model but teacher "
+                              f"{teacher.name!r} is a {teacher.modality} model; pick a "
+                              f"{teacher.modality} student")
+        return kind.build(num_labels, generator)
+
+
+@dataclass(frozen=True, slots=True)
+class PickLayersConfig:
+    """Options of the ``pick-layers`` student."""
+
+    layers: int = 6  # student depth k
+    pick: str | tuple[int, ...] = "first"  # "first" | "skip" | "last" | explicit 0-based layer list
+    checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
+    attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
+
+
+def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: int) -> list[int]:
+    """0-based source layers for a ``layers``-deep student of a ``total``-layer checkpoint.
+
+    "first": 0..k-1. "last": total-k..total-1. "skip": every (total/k)-th layer ending at the
+    top one, ``(j + 1) * total // k - 1`` (12 -> 6: 1, 3, 5, 7, 9, 11; 6 -> 2: 2, 5).
+    """
+    if not 1 <= layers <= total:
+        raise ConfigError(f"student.layers = {layers}, but the source checkpoint has {total} "
+                          f"layers; choose 1..{total}")
+    if isinstance(pick, str):
+        named = {"first": list(range(layers)),
+                 "last": list(range(total - layers, total)),
+                 "skip": [(j + 1) * total // layers - 1 for j in range(layers)]}
+        if pick not in named:
+            raise ConfigError(f"student.pick = {pick!r}; use \"first\", \"skip\", \"last\" or a "
+                              "list of 0-based layer indices")
+        return named[pick]
+    idx = list(pick)
+    if len(idx) != layers or not all(isinstance(i, int) and 0 <= i < total for i in idx):
+        raise ConfigError(f"student.pick = {idx}: need exactly layers = {layers} integers in "
+                          f"0..{total - 1}; set layers = len(pick)")
+    return idx
+
+
+def _layer_list(model: nn.Module, total: int) -> str:
+    """Dotted name of the ModuleList holding the ``total`` transformer layers."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == total and name.split(".")[-1] in ("layer", "layers"):
+            return name
+    raise ConfigError(f"pick-layers: cannot find the transformer layer list of "
+                      f"{type(model).__name__}; use the \"model\" student instead")
+
+
+class PickLayers(StudentKind):
+    """``pick-layers``: k layers of a pre-trained text checkpoint (see the module docstring)."""
+
+    name = "pick-layers"
+    Config = PickLayersConfig
+
+    def _source_kind(self, teacher: ModelKind) -> ModelKind:
+        c: PickLayersConfig = self.cfg
+        if teacher.modality != "text":
+            raise ConfigError(f"student pick-layers needs a text teacher, but {teacher.name!r} is "
+                              f"a {teacher.modality} model; use the \"model\" student with a "
+                              f"{teacher.modality} kind")
+        if not c.checkpoint:
+            return teacher
+        tc = teacher.cfg if isinstance(teacher.cfg, HFConfig) else HFConfig()
+        return HFModel(HFConfig(checkpoint=c.checkpoint, cache_dir=tc.cache_dir,
+                                local_files_only=tc.local_files_only))
+
+    def build(self, teacher: ModelKind, num_labels: int, generator: torch.Generator) -> KDModel:
+        """Load the source, copy embeddings + picked layers into a k-layer model, fresh head."""
+        from transformers import AutoModelForSequenceClassification
+
+        c: PickLayersConfig = self.cfg
+        source = self._source_kind(teacher).build(num_labels, generator)
+        if not isinstance(source, HFTextModel):
+            raise ConfigError(f"pick-layers: source {source.origin!r} is not a Hugging Face text "
+                              "model; use the \"model\" student instead")
+        total = source.num_layers
+        picked = pick_indices(c.pick, c.layers, total)
+        prefix = _layer_list(source.model, total) + "."
+        config = copy.deepcopy(source.config)
+        config.num_hidden_layers = c.layers
+        attn = c.attn_implementation or source.config._attn_implementation
+        with seeded(generator):
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn)
+        base = model.base_model_prefix + "."
+        src_state = source.model.state_dict()
+        state = {}
+        for key, fresh in model.state_dict().items():
+            if key.startswith(prefix):  # "<prefix>j.rest" <- "<prefix>picked[j].rest"
+                j, rest = key[len(prefix):].split(".", 1)
+                state[key] = src_state[f"{prefix}{picked[int(j)]}.{rest}"]
+            elif key.startswith(base):
+                state[key] = src_state[key]
+            else:  # task head: keep the seeded fresh init
+                state[key] = fresh
+        model.load_state_dict(state, strict=True)
+        origin = f"{source.origin}[{','.join(map(str, picked))}]"
+        return HFTextModel(model, tokenizer=source.tokenizer, origin=origin)
+
+
+@hookimpl
+def kdbench_register_students(register: Any) -> None:
+    """Student kinds."""
+    register(ModelStudent)
+    register(PickLayers)
