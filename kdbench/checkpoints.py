@@ -99,7 +99,7 @@ def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types (header, size checks)
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
                                 f"{exc}); delete it and resume from an older one") from None

@@ -33,13 +33,19 @@ EPILOG = textwrap.dedent("""\
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands share the global plugin options)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-p", dest="plugins", action="append", default=[], metavar="PLUGIN",
-                        help="load a plugin module or .py file; -p no:NAME blocks one")
-    common.add_argument("--traceback", action="store_true", help="show tracebacks for errors")
-    parser = argparse.ArgumentParser(prog="kdbench", parents=[common], epilog=EPILOG,
+    def plugin_options(p: argparse.ArgumentParser, top: bool) -> argparse.ArgumentParser:
+        p.add_argument("-p", dest="plugins", action="append", default=[] if top else argparse.SUPPRESS,
+                       metavar="PLUGIN", help="load a plugin module or .py file; -p no:NAME blocks one")
+        p.add_argument("--traceback", action="store_true", default=False if top else argparse.SUPPRESS,
+                       help="show tracebacks for errors")
+        return p
+
+    # subcommands accept the global options too, without resetting values given before them
+    common = plugin_options(argparse.ArgumentParser(add_help=False), top=False)
+    parser = argparse.ArgumentParser(prog="kdbench", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Knowledge-distillation benchmark with pluggable teacher-update rules.")
+    plugin_options(parser, top=True)
     sub = parser.add_subparsers(dest="command")
     for name in ("run", "validate"):
         p = sub.add_parser(name, parents=[common], help="run the matrix" if name == "run" else "validate and print the plan")

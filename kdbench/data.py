@@ -157,7 +157,8 @@ def stratified_choice(strata: np.ndarray, k: int, rng: np.random.Generator) -> n
     counts = np.bincount(inv)
     exact = counts * (k / n)
     alloc = np.floor(exact).astype(np.int64)
-    for c in np.argsort(-(exact - alloc), kind="stable")[: k - int(alloc.sum())]:
+    # largest remainders get the leftover picks; ties are broken by ``rng``, not by stratum order
+    for c in np.lexsort((rng.random(len(counts)), -(exact - alloc)))[: k - int(alloc.sum())]:
         alloc[c] += 1
     picks = [rng.permutation(np.flatnonzero(inv == c))[: alloc[c]] for c in range(len(counts))]
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
@@ -345,7 +346,7 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     fingerprint = hashlib.sha256(f"{raw_fp}\x00{json.dumps(choices, sort_keys=True)}".encode()).hexdigest()
 
     def column(split: str, col: str) -> np.ndarray:
-        return np.asarray(_arrow(raw[split]).column(col).to_numpy())
+        return np.array(_arrow(raw[split]).column(col).to_numpy(), copy=True)
 
     train_labels = column("train", "label")
     strata = strata_of(train_labels, task.is_regression)

@@ -156,8 +156,8 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
             cfg = r.get("config", {})
             lines += [f"## Student `{student}` ({title})", "",
                       f"Teacher `{cfg.get('teacher', {}).get('name', '?')}` "
-                      f"({cfg.get('teacher', {}).get('kind', '?')}); student "
-                      f"{cfg.get('student_model', {})}.", "",
+                      f"({cfg.get('teacher', {}).get('kind', '?')}); student: "
+                      + " ".join(f"{k}={v}" for k, v in cfg.get("student_model", {}).items()) + ".", "",
                       table.to_markdown(index=False, disable_numparse=True), ""]
             lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
             if which == "best":

@@ -107,8 +107,11 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
              if _known(host, "tasks", t, where + " tasks", problems)}
     if not suite.seeds:
         problems.append(f"{where}: seeds is empty")
-    if not methods or not tasks or not suite.students:
+    if not suite.methods or not suite.tasks or not suite.students:
         problems.append(f"{where}: needs at least one method, task and student")
+    generic_teacher_train = _train_config(suite, "teacher_train", {}, "", problems)
+    if not methods:  # still check the generic [train] section
+        _train_config(suite, "train", {}, "", problems)
 
     task_cfgs = {}
     for name, task_cls in tasks.items():
@@ -173,7 +176,8 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
         rule_cfg = build_config(rule_cls.Config, rule_layers,
                                 f"method {method_name!r} teacher_update {method.teacher_update!r}", problems)
         train = _train_config(suite, "train", defaults.get("train", {}), method_name, problems)
-        teacher_train = _train_config(suite, "teacher_train", {}, method_name, problems)
+        teacher_train = _train_config(suite, "teacher_train", {}, method_name, []) if any(
+            section(raw, "method", method_name, "teacher_train") for raw in suite.layers()) else generic_teacher_train
         for task_name, task_cls in tasks.items():
             task = task_cls(task_cfgs[task_name])
             reason = loss_cls.check(task) or rule_cls.check(task) or ""
@@ -195,8 +199,8 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
                     if key not in teacher_cells and ce_loss:
                         tspec = CellSpec(suite.name, TEACHER, task_name, "", seed, tname, tkind, tcfg,
                                          "", None, ce_loss, host.losses.get(ce_loss).Config(),
-                                         "frozen", None, task_cfgs[task_name], teacher_train,
-                                         teacher_train, {"task": task_cls.version})
+                                         "frozen", None, task_cfgs[task_name], generic_teacher_train,
+                                         generic_teacher_train, {"task": task_cls.version})
                         teacher_cells[key] = _with_id(tspec)
     if problems:
         raise ConfigError(_dedupe(problems))

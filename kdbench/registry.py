@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
@@ -23,12 +24,15 @@ class Registrar(Protocol[T_contra]):
 
 def suggest(name: str, choices: list[str]) -> str:
     """Return "Did you mean ...?" for the closest of ``choices``, or "" if none is close."""
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _origin_of(obj: object) -> str:
-    target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):  # an instance: where register() was called
+        frame = sys._getframe(2)
+        return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    target = obj
     try:
         path = inspect.getsourcefile(target)  # type: ignore[arg-type]
         _, line = inspect.getsourcelines(target)  # type: ignore[arg-type]

@@ -8,14 +8,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kdbench_builtins import losses
+from kdbench_builtins.losses import (
+    CrossEntropy,
+    HintonKD,
+    KDConfig,
+    PatientKD,
+    PKDConfig,
+    TinyBertLoss,
+    TinyBertLossConfig,
+    pkd_layer_map,
+    soft_loss,
+)
 
 from kdbench.errors import ConfigError, NotApplicable
 from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, Task
-from kdbench_builtins import losses
-from kdbench_builtins.losses import (
-    CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig, TinyBertLoss, TinyBertLossConfig,
-    pkd_layer_map, soft_loss,
-)
 
 torch.set_num_threads(1)
 

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdbench_builtins import models_text
+from kdbench_builtins.models_text import (
+    HFConfig,
+    HFModel,
+    HFTextModel,
+    TinyBert,
+    TinyBertConfig,
+    char_tokenizer,
+)
 
 from kdbench.errors import ConfigError
-from kdbench_builtins import models_text
-from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, TinyBertConfig, char_tokenizer
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from kdbench import Batch, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
-from kdbench.config import TrainConfig
 from kdbench_builtins import reptile
 from kdbench_builtins.models_text import TinyBert, TinyBertConfig
+from torch import Tensor
+
+import kdbench
+from kdbench import Batch, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
+from kdbench.config import TrainConfig
 
 torch.set_num_threads(1)
 LAYER = "model.bert.encoder.layer."
@@ -66,6 +67,7 @@ def _student_grads(ctx: StepContext) -> dict[str, Tensor]:
 
 
 def _rule(**kw: Any) -> reptile.Reptile:
+    kw.setdefault("inner_dropout", False)  # the tests' students run in eval mode
     return reptile.Reptile(reptile.ReptileConfig(**kw))
 
 
@@ -91,12 +93,13 @@ def test_layer_map_rejects_bad_depths() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["first", "last", "skip", "both"])
-def test_parameter_pairs_on_models(strategy: str) -> None:
-    student, teacher = _model(2), _model(4, seed=1)
+@pytest.mark.parametrize(("n_s", "n_t"), [(2, 4), (3, 6)])
+def test_parameter_pairs_on_models(strategy: str, n_s: int, n_t: int) -> None:
+    student, teacher = _model(n_s), _model(n_t, seed=1)
     pairs = reptile.parameter_pairs(student, teacher, strategy)
     layer_pairs = {(int(s[len(LAYER):].split(".")[0]), int(t[len(LAYER):].split(".")[0]))
                    for s, t in pairs if s.startswith(LAYER)}
-    want = {(i, j) for i, js in reptile.layer_map(strategy, 2, 4).items() for j in js}
+    want = {(i, j) for i, js in reptile.layer_map(strategy, n_s, n_t).items() for j in js}
     assert layer_pairs == want
     others = [(s, t) for s, t in pairs if not s.startswith(LAYER)]
     assert others and all(s == t for s, t in others)
@@ -195,10 +198,23 @@ def test_fresh_adamw_matches_torch_adamw(inner_steps: int) -> None:
         torch.testing.assert_close(t1[t].detach(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_micro_batches_give_the_same_update() -> None:
+    results = []
+    for micro in (0, 1):
+        ctx = _ctx(_model(4, seed=1), _model(2))
+        ctx.train = dataclasses.replace(ctx.train, micro_batch_size=micro)
+        rule = _rule(inner_optimizer="sgd", inner_lr=0.05, teacher_optimizer="sgd", teacher_lr=0.3)
+        rule.prepare(ctx)
+        rule.step(ctx)
+        results.append({k: v.clone() for k, v in ctx.teacher.state_dict().items()})
+    for k, v in results[0].items():
+        torch.testing.assert_close(results[1][k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_student_untouched_and_no_deepcopy(monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = _ctx(_model(4, seed=1), _model(2))
     ctx.student.train()
-    rule = _rule()
+    rule = _rule(inner_dropout=True)
     rule.prepare(ctx)
     # give the student optimizer some state
     sum(ctx.loss(ctx.student(ctx.batch.inputs), ctx.teacher(ctx.batch.inputs), ctx.batch).values()).backward()
@@ -215,6 +231,7 @@ def test_student_untouched_and_no_deepcopy(monkeypatch: pytest.MonkeyPatch) -> N
     for _ in range(2):
         rule.step(ctx)
     monkeypatch.undo()
+    assert ctx.student.training
     for k, v in ctx.student.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     assert all(p.grad is None for p in ctx.student.parameters())
@@ -250,3 +267,23 @@ def test_registers_rule_and_method() -> None:
     method = names[1]
     assert (method.name, method.teacher_update, method.loss) == ("reptile-distil", "reptile", "kd")
     assert method.defaults["loss"] == {"alpha": 0.5, "temperature": 5.0}
+
+
+class _Recorder:
+    """Plugin that keeps every logged metric."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    @kdbench.hookimpl
+    def kdbench_log_metrics(self, spec: Any, step: int, metrics: Any) -> None:
+        self.seen.update({k: float(v) for k, v in metrics.items()})
+
+
+def test_reptile_distil_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
+    rec = _Recorder()
+    result = run_tiny(make_host(rec), "reptile-distil", steps=6)
+    assert result["status"] == "ok", result.get("reason")
+    assert result["config"]["teacher_update"]["mapping"] == "skip"
+    assert rec.seen.get("teacher/pseudo_grad_norm", 0.0) > 0
+    assert rec.seen["prepare/teacher/mapped_tensors"] > 0

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kdbench.errors import ConfigError
 from kdbench_builtins import students
 from kdbench_builtins.models_text import HFConfig, HFModel, TinyBert, TinyBertConfig, char_tokenizer
 from kdbench_builtins.models_vision import VISION_KINDS
-from kdbench_builtins.students import (ModelStudent, ModelStudentConfig, PickLayers, PickLayersConfig,
-                                       pick_indices)
+from kdbench_builtins.students import (
+    ModelStudent,
+    ModelStudentConfig,
+    PickLayers,
+    PickLayersConfig,
+    pick_indices,
+)
+
+from kdbench.errors import ConfigError
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -45,7 +50,7 @@ def test_pick_indices() -> None:
     assert pick_indices("skip", 3, 6) == [1, 3, 5]
     assert pick_indices([0, 4], 2, 6) == [0, 4]
     for bad in [("middle", 2, 6), ([0, 6], 2, 6), ([0], 2, 6), ("first", 7, 6), ("first", 0, 6)]:
-        with pytest.raises(ConfigError, match="student"):
+        with pytest.raises(ConfigError, match=r"student (layers|pick)"):
             pick_indices(*bad)
 
 
@@ -113,36 +118,41 @@ def test_pick_layers_rejects_vision_teacher() -> None:
     teacher = VISION_KINDS["resnet56"](VISION_KINDS["resnet56"].Config())
     with pytest.raises(ConfigError, match="needs a text teacher"):
         PickLayers(PickLayersConfig()).build(teacher, 100, gen())
+    with pytest.raises(ConfigError, match="needs a text teacher"):
+        PickLayers(PickLayersConfig()).modality(teacher)  # plan time
+    assert PickLayers(PickLayersConfig()).modality(TinyBert(TinyBertConfig())) == "text"
 
 
 def test_model_student_builds_own_kind() -> None:
     teacher = VISION_KINDS["resnet56"](VISION_KINDS["resnet56"].Config())
-    kind = ModelStudent(ModelStudentConfig(kind="resnet20"))
+    kind = ModelStudent(ModelStudentConfig(model="resnet20"))
     assert kind.modality(teacher) == "vision"
     student = kind.build(teacher, 100, gen())
     assert student.origin == "resnet20" and student.num_parameters() == 278_324
-    wrn = ModelStudent(ModelStudentConfig(kind="wrn-16-2", options={"dropout": 0.1}))
+    wrn = ModelStudent(ModelStudentConfig(model="wrn-16-2", options={"dropout": 0.1}))
     assert wrn.build(teacher, 100, gen()).stages[0][0].dropout == 0.1
-    text = ModelStudent(ModelStudentConfig(kind="tiny-bert", options={"layers": 1, "hidden": 16}))
+    text = ModelStudent(ModelStudentConfig(model="tiny-bert", options={"layers": 1, "hidden": 16}))
     built = text.build(TinyBert(TinyBertConfig()), 2, gen())
     assert (built.num_layers, built.hidden_size) == (1, 16)
 
 
 def test_model_student_hf_kind(six_layer: Path) -> None:
-    kind = ModelStudent(ModelStudentConfig(kind="hf", options={"checkpoint": str(six_layer)}))
+    kind = ModelStudent(ModelStudentConfig(model="hf", options={"checkpoint": str(six_layer)}))
     student = kind.build(TinyBert(TinyBertConfig()), 2, gen())
     assert student.num_layers == 6 and student.origin == str(six_layer)
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    (ModelStudentConfig(kind="resnet21"), "not a model kind"),
-    (ModelStudentConfig(kind="tiny-bert", options={"hiddn": 8}), "'hiddn'"),
-    (ModelStudentConfig(kind="tiny-bert"), "text model but teacher 'resnet56'"),
+    (ModelStudentConfig(model="resnet21"), "not a model kind"),
+    (ModelStudentConfig(model="tiny-bert", options={"hiddn": 8}), "'hiddn'"),
+    (ModelStudentConfig(model="tiny-bert"), "text model but teacher 'resnet56'"),
 ])
 def test_model_student_errors(cfg: ModelStudentConfig, match: str) -> None:
     teacher = VISION_KINDS["resnet56"](VISION_KINDS["resnet56"].Config())
     with pytest.raises(ConfigError, match=match):
         ModelStudent(cfg).build(teacher, 100, gen())
+    with pytest.raises(ConfigError, match=match):
+        ModelStudent(cfg).modality(teacher)  # plan time
 
 
 def test_registers_students() -> None:

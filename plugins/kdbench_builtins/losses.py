@@ -19,7 +19,7 @@ The hard-label term is named ``"ce"`` for every task (MSE for regression).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class HintonKD(DistillLoss):
 
     name = "kd"
     version = "1"
-    Config = KDConfig
+    Config: ClassVar[type] = KDConfig
 
     def __init__(self, cfg: Any, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
         super().__init__(cfg, task=task, teacher=teacher, student=student)
@@ -294,12 +294,13 @@ class TinyBertLoss(DistillLoss):
         hs, ht = student.hidden_size, teacher.hidden_size
         self.proj: nn.Module
         if cfg.project:
-            self.proj = nn.utils.skip_init(nn.Linear, hs, ht)  # no draw from the global RNG
+            lin = nn.utils.skip_init(nn.Linear, hs, ht)  # no draw from the global RNG
             gen = torch.Generator().manual_seed(cfg.init_seed)
-            bound = 1.0 / hs ** 0.5
+            bound = 1.0 / hs ** 0.5  # nn.Linear's default range
             with torch.no_grad():
-                self.proj.weight.uniform_(-bound, bound, generator=gen)
-                self.proj.bias.uniform_(-bound, bound, generator=gen)
+                lin.weight.uniform_(-bound, bound, generator=gen)
+                lin.bias.uniform_(-bound, bound, generator=gen)
+            self.proj = lin
         elif hs != ht:
             raise NotApplicable(f"tinybert without projection needs equal widths; teacher {ht}, "
                                 f"student {hs} (set loss.project=true)")

@@ -15,35 +15,34 @@ Per teacher update (``step``, before the runner's real student step on the same 
 3. Teacher: ``g = ∇_{θ_T} L_q`` through the pilot step; clip to ``grad_clip``; one step of the
    teacher's own optimizer (AdamW or SGD, created once in ``prepare``, kept in ``state_dict``).
 
-The student is never written to: no ``state_dict`` "time machine" copies are needed; the runner
-then takes the real step with the updated teacher (outputs constant). Two equivalent
-meta-gradients (``meta_grad``):
+The student is never written to (no "time machine" copies); the runner then takes the real step
+with the updated teacher. Two meta-gradients (``meta_grad``), equal in exact arithmetic:
 
-* ``second_order`` (reference): ``autograd.grad(create_graph=True)`` through the pilot. Double
-  backward does not exist for the flash / memory-efficient SDPA kernels (CPU included), so the
-  student's pilot forward runs under ``sdpa_kernel(SDPBackend.MATH)``; eager attention also works.
-* ``first_order_exact`` (default; performance.md §2.4): ``v = ∇_{θ'} L_q``; ``u = J_s(θ_S)·v``, the
-  directional derivative of the student outputs the loss uses (logits, and [CLS] vectors for a
-  PKD loss) on the pilot batch; ``g = −λ·∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩`` — a loss-level second
-  derivative and one ordinary backward through the teacher. ``jvp="forward"`` computes ``u`` with
-  ``torch.func.jvp`` (exact; math SDPA, as flash has no forward AD), ``"finite_difference"`` with two
-  fp32 no-grad forwards at ``θ ± εv``, ``ε = fd_eps·‖θ‖/‖v‖`` (any kernel; approximate).
+* ``second_order`` (reference): ``autograd.grad(create_graph=True)`` through the pilot. Flash and
+  memory-efficient SDPA have no double backward (CPU included), so the student's pilot forward runs
+  under ``sdpa_kernel(SDPBackend.MATH)`` (eager attention works too).
+* ``first_order_exact`` (default; performance.md §2.4): ``v = ∇_{θ'} L_q``; ``u = J_s(θ_S)·v`` for
+  every student output the loss uses (logits, [CLS] vectors for ``pkd``) on the pilot batch;
+  ``g = −λ·∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩``: a loss-level second derivative and one ordinary
+  backward through the teacher. ``jvp="forward"``: ``torch.func.jvp`` (exact; math SDPA, as flash
+  has no forward AD). ``jvp="finite_difference"``: two no-grad forwards at ``θ ± εv``, ``ε =
+  fd_eps·‖θ‖/‖v‖``; the pilot then runs in fp32 (no autocast) with any attention kernel.
 
-Dropout: the pilot student runs in train mode, as in the reference, under a fixed RNG state (a seed
+Dropout: the pilot student runs in train mode, as in the reference, under a fixed RNG state (seed
 drawn from ``ctx.generator``; the global RNG is restored afterwards), so the pilot gradient, the JVP
-and the finite differences all see the same dropout masks. Both meta-gradients are exact for one
-SGD pilot step only.
+and the finite differences see the same masks. Both are exact for one SGD pilot step only.
 
 Deliberate deviations from the reference code:
 
-* quiz data: a seeded 10% split of train (the paper's 9:1), never dev (the NLP code used dev);
-* ``quiz_batches`` (k) batches drawn per update instead of the whole held set every round;
+* quiz = a seeded 10% split of train (the paper's 9:1), never dev (the NLP code used dev);
+  ``quiz_batches`` (k) batches per update instead of the whole held set every round;
 * one pilot batch per round (``num_meta_batches = 1``); ``every`` spaces the teacher updates;
-* the PKD term is off by default: the pilot loss is the run's loss, so method ``metadistil`` uses
-  ``kd`` and ``metadistil-pkd`` adds the code's β = 100 PKD-skip term via loss ``pkd``;
-* the canonical KL soft loss (``loss.soft_loss=prob_mse loss.reduction=elementwise_mean`` is the
-  NLP code's probability MSE); no always-on attention dropout in the quiz forward; [CLS] segment 0.
-* ``start_epoch`` counts epochs from 0 (the CIFAR code's "epoch 150", 1-based, is 149 here).
+* PKD term off by default: the pilot loss is the run's loss, so ``metadistil`` uses ``kd`` and
+  ``metadistil-pkd`` uses ``pkd`` (the NLP code's β = 100 PKD-skip term, pilot and real step);
+* canonical KL soft loss (the NLP code's probability MSE is ``loss.soft_loss=prob_mse
+  loss.reduction=elementwise_mean``); no always-on attention dropout in the quiz forward;
+* before ``start_epoch`` (0-based: the CIFAR code's 1-based epoch 150 is 149) no meta-step runs at
+  all, where the CIFAR code runs it with teacher lr 0.
 """
 
 from __future__ import annotations
@@ -62,7 +61,6 @@ from kdbench.errors import ConfigError, NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registrar
 from kdbench.types import Batch, KDModel, Method, ModelOutput, StepContext, TeacherUpdate
-
 from kdbench_builtins.losses import hard_loss
 
 PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with Meta Learning. "
@@ -93,6 +91,11 @@ class MetaDistilConfig:
 _CHOICES = {"pilot_lr_schedule": ("constant", "student"), "teacher_optimizer": ("adamw", "sgd"),
             "teacher_schedule": ("linear", "constant", "student"),
             "meta_grad": ("first_order_exact", "second_order"), "jvp": ("forward", "finite_difference")}
+
+
+def _up(x: Tensor) -> Tensor:
+    """Half-precision tensors to float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _flatten(out: ModelOutput) -> tuple[Tensor, ...]:
@@ -221,7 +224,7 @@ class MetaDistil(TeacherUpdate):
         """``d L_quiz(θ'_S(θ_T)) / d θ_T``, one tensor per teacher parameter; nothing is updated."""
         if ctx.batch is None or ctx.quiz is None:
             raise RuntimeError("MetaDistil.meta_gradient needs ctx.batch and ctx.quiz")
-        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
         quiz = [ctx.quiz.next() for _ in range(self.cfg.quiz_batches)]
         was_training = ctx.student.training
         try:
@@ -235,10 +238,12 @@ class MetaDistil(TeacherUpdate):
         return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
 
     def _pilot(self, ctx: StepContext, batch: Batch, params: Mapping[str, Tensor],
-               buffers: Mapping[str, Tensor], seed: int, autocast: bool = True) -> ModelOutput:
-        """Student forward on the pilot batch: train mode, fixed dropout masks, math SDPA."""
-        ac = self._autocast(ctx) if autocast else contextlib.nullcontext()
-        with _fixed_rng(seed, ctx.device), sdpa_kernel(SDPBackend.MATH), ac:
+               buffers: Mapping[str, Tensor], seed: int) -> ModelOutput:
+        """Student forward on the pilot batch: train mode, fixed dropout masks; math SDPA unless
+        finite differences (any kernel; fp32, as differences in bf16 are noise)."""
+        fd = self.cfg.meta_grad == "first_order_exact" and self.cfg.jvp == "finite_difference"
+        kernel = contextlib.nullcontext() if fd else sdpa_kernel(SDPBackend.MATH)
+        with _fixed_rng(seed, ctx.device), kernel, contextlib.nullcontext() if fd else self._autocast(ctx):
             return _call(ctx.student, params, buffers, batch.inputs, ctx.want, train=True)
 
     def _quiz_loss(self, ctx: StepContext, fast: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
@@ -300,7 +305,7 @@ class MetaDistil(TeacherUpdate):
         # (3) u = J_s(θ_S)·v on the pilot batch, same dropout masks
         u = self._jvp(ctx, batch, params, names, buffers0, v, seed)
         # (4) g_T = −λ ∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩: loss-level double backward only
-        s_leaf = [s.detach().requires_grad_() for s in _flatten(s_out)]
+        s_leaf = [_up(s.detach()).requires_grad_() for s in _flatten(s_out)]  # loss-level in fp32+
         loss = sum(ctx.loss(_unflatten(s_leaf, s_out), t_out, batch).values())
         gs = torch.autograd.grad(loss, s_leaf, create_graph=True, allow_unused=True)
         t_params = list(ctx.teacher.parameters())
@@ -315,23 +320,21 @@ class MetaDistil(TeacherUpdate):
     def _jvp(self, ctx: StepContext, batch: Batch, params: dict[str, Tensor], names: list[str],
              buffers0: dict[str, Tensor], v: dict[str, Tensor], seed: int) -> tuple[Tensor, ...]:
         """Directional derivative u = J_s·v of the pilot-batch student outputs, same masks."""
-        fd = self.cfg.jvp == "finite_difference"
 
         def outputs(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
             bufs = {n: b.clone() for n, b in buffers0.items()}
-            return _flatten(self._pilot(ctx, batch, params | p, bufs, seed, autocast=not fd))
+            return _flatten(self._pilot(ctx, batch, params | p, bufs, seed))
 
         theta = {n: params[n] for n in names}
         if self.cfg.jvp == "forward":
-            _, u = torch.func.jvp(outputs, (theta,), (v,))
-            return tuple(u)
-        norm_v = torch.sqrt(sum((x.float() ** 2).sum() for x in v.values()))
-        norm_t = torch.sqrt(sum((x.float() ** 2).sum() for x in theta.values()))
+            return tuple(torch.func.jvp(outputs, (theta,), (v,))[1])
+        norm_v = torch.stack([_up(x).norm() for x in v.values()]).norm()
+        norm_t = torch.stack([_up(x).norm() for x in theta.values()]).norm()
         eps = float(self.cfg.fd_eps * norm_t / norm_v) if float(norm_v) > 0 else 1.0
-        with torch.no_grad():  # fp32 at least: finite differences in bf16 are noise
-            plus = outputs({n: (theta[n].float() + eps * v[n].float()).to(theta[n].dtype) for n in names})
-            minus = outputs({n: (theta[n].float() - eps * v[n].float()).to(theta[n].dtype) for n in names})
-        return tuple((a.float() - b.float()) / (2 * eps) for a, b in zip(plus, minus))
+        with torch.no_grad():
+            plus = outputs({n: _up(theta[n]) + eps * _up(v[n]) for n in names})
+            minus = outputs({n: _up(theta[n]) - eps * _up(v[n]) for n in names})
+        return tuple((_up(a) - _up(b)) / (2 * eps) for a, b in zip(plus, minus))
 
     def state_dict(self) -> dict[str, Any]:
         """Teacher optimizer state, update counter and the student-lr references."""

@@ -29,8 +29,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdbench
-from kdbench import (Batch, ConfigError, DistillLoss, KDModel, Method, ModelOutput, NotApplicable,
-                     StepContext, Task, TeacherUpdate)
+from kdbench import (
+    Batch,
+    ConfigError,
+    DistillLoss,
+    KDModel,
+    Method,
+    ModelOutput,
+    NotApplicable,
+    StepContext,
+    Task,
+    TeacherUpdate,
+)
 from kdbench_builtins.losses import TinyBertLoss, TinyBertLossConfig
 
 
@@ -77,17 +87,17 @@ def prototype_scores(h: Tensor, domain: Tensor, num_domains: int, query: Tensor 
     Returns:
         (N,) or (M,) scores in [-1, 1].
     """
-    onehot = F.one_hot(domain, num_domains).to(h.dtype)  # (N, D)
-    counts = onehot.sum(0)  # (D,)
+    onehot = F.one_hot(domain.clamp_min(0), num_domains).to(h.dtype) * (domain >= 0).unsqueeze(1)  # (N, D)
+    counts = onehot.sum(0)  # (D,); domain -1 (e.g. an unseen MNLI genre) defines no prototype
     present = counts > 0
     if int(present.sum()) < 2:
         raise NotApplicable("meta-kd needs examples of at least two domains in its training split")
     protos = (onehot.T @ h) / counts.clamp_min(1).unsqueeze(1)  # (D, H)
     others = (protos[present].sum(0, keepdim=True) - protos) / (present.sum() - 1)  # (D, H)
     q, qd = (h, domain) if query is None or query_domain is None else (query, query_domain)
-    own = F.cosine_similarity(q, protos[qd], dim=-1)
-    cross = F.cosine_similarity(q, others[qd], dim=-1)
-    return 0.5 * own + 0.5 * cross
+    own = F.cosine_similarity(q, protos[qd.clamp_min(0)], dim=-1)
+    cross = F.cosine_similarity(q, others[qd.clamp_min(0)], dim=-1)
+    return torch.where(qd >= 0, 0.5 * own + 0.5 * cross, 0.0)  # unknown domain: score 0
 
 
 def corrupt_domains(domain: Tensor, generator: torch.Generator) -> Tensor:
@@ -119,6 +129,10 @@ class DomainHead(nn.Module):
     def forward(self, pooled: Tensor, domain: Tensor) -> Tensor:
         """Domain logits (B, D)."""
         return self.out(self.drop(torch.tanh(self.vector(pooled, domain))))
+
+
+def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
+    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -176,7 +190,7 @@ class MetaKD(TeacherUpdate):
                 batch = batch.to(ctx.device)
                 if batch.domain is None:
                     raise NotApplicable("meta-kd needs Batch.domain on every split it scores")
-                with ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext():
+                with _autocast(ctx):
                     out = model(batch.inputs, want=frozenset({"hidden"}))
                 pooled = mean_pool(out.hidden[-1], batch.inputs.get("attention_mask"), self.cfg.pooling)
                 if h_all is None:
@@ -189,7 +203,15 @@ class MetaKD(TeacherUpdate):
         return h_all, d_all
 
     def prepare(self, ctx: StepContext) -> dict[str, float]:
-        """Score examples, train the meta-teacher into ``ctx.teacher``, hand scores to the loss."""
+        """Score examples, train the meta-teacher into ``ctx.teacher``, hand scores to the loss.
+
+        Deterministic given ``ctx.generator`` (the global RNG is forked and seeded from it). On
+        resume (``ctx.stash["resuming"]``) the checkpointed teacher is kept and not retrained; the
+        scores are recomputed (no randomness) and ``load_state_dict`` restores the domain head.
+
+        Raises:
+            NotApplicable: single-domain or regression task, or fewer than two domains in the data.
+        """
         reason = _reason(ctx.task)
         if reason:
             raise NotApplicable(reason)
@@ -222,17 +244,18 @@ class MetaKD(TeacherUpdate):
     def _train(self, ctx: StepContext, meta: Any, scores: Tensor) -> dict[str, float]:
         """Meta-teacher epochs on the meta split (prototype-weighted CE + corrupted-domain CE)."""
         cfg, teacher, head = self.cfg, ctx.teacher, self.head
-        assert head is not None  # noqa: S101 - set by prepare
+        assert head is not None
         named = list(teacher.named_parameters()) + [(f"head.{n}", p) for n, p in head.named_parameters()]
         nd = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
         dec = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
         opt = torch.optim.AdamW([{"params": dec, "weight_decay": cfg.weight_decay},
                                  {"params": nd, "weight_decay": 0.0}], lr=cfg.lr)
+        from transformers import get_linear_schedule_with_warmup  # slow import: not at plugin load
+
         total = max(1, cfg.meta_epochs * -(-len(meta) // cfg.batch_size))
-        warm = int(cfg.warmup * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: s / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
-        teacher.train()
+        sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup * total), total)
+        flags = [p.requires_grad for _, p in named]
+        teacher.train().requires_grad_(True)
         head.train()
         want, losses = frozenset({"hidden"}), []
         for _ in range(cfg.meta_epochs):
@@ -242,13 +265,14 @@ class MetaKD(TeacherUpdate):
                 dom = batch.domain
                 if dom is None:
                     raise NotApplicable(f"meta-kd: split {cfg.meta_split!r} has no domain labels")
-                with ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext():
+                with _autocast(ctx):
                     out = teacher(batch.inputs, want=want)
                     pooled = mean_pool(out.hidden[-1], batch.inputs.get("attention_mask"), cfg.pooling)
-                    dlogits = head(pooled, dom)
+                    dlogits = head(pooled, dom.clamp_min(0))
+                fake = corrupt_domains(dom, ctx.generator)  # -1 (unknown domain) -> no domain term
                 ell = (F.cross_entropy(out.logits.float(), batch.labels, reduction="none")
-                       + cfg.gamma * F.cross_entropy(dlogits.float(), corrupt_domains(dom, ctx.generator),
-                                                     reduction="none"))  # (B,)
+                       + cfg.gamma * F.cross_entropy(dlogits.float(), fake, reduction="none",
+                                                     ignore_index=-1))  # (B,)
                 w = scores[batch.index] if cfg.sample_weights else torch.ones_like(ell)
                 loss = (ell * w).mean()
                 loss.backward()
@@ -258,7 +282,12 @@ class MetaKD(TeacherUpdate):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
-        return {"meta/loss": float(torch.stack(losses).mean()), "meta/steps": float(len(losses))}
+        for (_, p), flag in zip(named, flags, strict=True):
+            p.requires_grad_(flag)
+        out = {"meta/steps": float(len(losses))}
+        if losses:
+            out["meta/loss"] = float(torch.stack(losses).mean())
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The domain head (the teacher itself is checkpointed by the runner)."""
@@ -371,11 +400,11 @@ class MetaKDLoss(DistillLoss):
         terms = {"hidden": cfg.hidden_weight * self._weighted(hid, lam),  # type: ignore[arg-type]
                  "attention": cfg.attention_weight * self._weighted(att, lam)}
         if self._teacher_head and batch.domain is not None and cfg.domain_weight:
-            mask = batch.inputs.get("attention_mask")
+            mask, d = batch.inputs.get("attention_mask"), batch.domain.clamp_min(0)
             with torch.no_grad():
-                v_t = self._teacher_head[0].vector(mean_pool(teacher.hidden[-1], mask), batch.domain)
-            v_s = tb.proj(self.s_domain.vector(mean_pool(student.hidden[-1], mask), batch.domain))
-            dom = (v_s.float() - v_t.float()).pow(2).mean(1)  # (B,)
+                v_t = self._teacher_head[0].vector(mean_pool(teacher.hidden[-1], mask), d)  # (B, H_t)
+            v_s = tb.proj(self.s_domain.vector(mean_pool(student.hidden[-1], mask), d))  # (B, H_t)
+            dom = (v_s.float() - v_t.float()).pow(2).mean(1) * (batch.domain >= 0)  # (B,)
             terms["domain"] = cfg.domain_weight * self._weighted(dom, lam)
         return terms
 

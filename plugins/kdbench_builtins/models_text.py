@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdbench.errors import ConfigError
-from kdbench.hookspecs import hookimpl
-from kdbench.types import KDModel, ModelKind, ModelOutput
+import kdbench
+from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
 
 
 class HFTextModel(KDModel):
@@ -153,7 +152,7 @@ class TinyBert(ModelKind):
         if c.vocab_size < len(tokenizer):
             raise ConfigError(f"tiny-bert vocab_size = {c.vocab_size} is smaller than its "
                               f"tokenizer ({len(tokenizer)} tokens); set vocab_size >= {len(tokenizer)}")
-        config = BertConfig(
+        config = BertConfig(  # type: ignore[call-arg]  # HF config kwargs are untyped
             vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
             num_attention_heads=c.heads, intermediate_size=c.intermediate,
             max_position_embeddings=c.max_position, num_labels=num_labels,
@@ -248,8 +247,8 @@ class HFModel(ModelKind):
         return f"{self.cfg.checkpoint}{rev}"
 
 
-@hookimpl
-def kdbench_register_models(register: Any) -> None:
+@kdbench.hookimpl
+def kdbench_register_models(register: kdbench.Registrar) -> None:
     """Text model kinds."""
     register(TinyBert)
     register(HFModel)

@@ -20,6 +20,7 @@ so ``torch.func.functional_call`` with substituted parameters and buffers works.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.hookspecs import hookimpl
-from kdbench.types import KDModel, ModelKind, ModelOutput, NoConfig
+import kdbench
+from kdbench import KDModel, ModelKind, ModelOutput, NoConfig
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -220,7 +221,7 @@ def vgg(depth: int, num_labels: int, origin: str) -> CifarNet:
 
     spec = _VGG_BLOCKS[depth]
     stem = block(3, spec[0], pool=False)
-    stages: list[nn.Module] = [block(prev[-1], cur, pool=True) for prev, cur in zip(spec, spec[1:])]
+    stages: list[nn.Module] = [block(prev[-1], cur, pool=True) for prev, cur in itertools.pairwise(spec)]
     net = CifarNet(stem, stages, nn.Identity(), spec[-1][-1], num_labels, origin)
     _init(net, linear_std=0.01)
     return net
@@ -277,8 +278,8 @@ def _make_kind(name: str) -> type[CifarModelKind]:
 VISION_KINDS: dict[str, type[CifarModelKind]] = {n: _make_kind(n) for n in _BUILDERS}
 
 
-@hookimpl
-def kdbench_register_models(register: Any) -> None:
+@kdbench.hookimpl
+def kdbench_register_models(register: kdbench.Registrar) -> None:
     """Register every CIFAR architecture as a model kind."""
     for cls in VISION_KINDS.values():
         register(cls)

@@ -40,6 +40,7 @@ class ReptileConfig:
     inner_lr: float = 5e-5  # step size of the "sgd" inner optimizer
     inner_max_grad_norm: float = 1.0  # clip of the inner gradient; 0 disables
     adam_eps: float = 1e-8  # epsilon of both AdamWs
+    inner_dropout: bool = True  # run the copy in train mode (dropout on), as the reference's copy
 
 
 def _no_decay(name: str) -> bool:
@@ -112,9 +113,23 @@ def parameter_pairs(student: nn.Module, teacher: nn.Module, strategy: str) -> li
 def _num_layers(model: nn.Module) -> int:
     """``model.num_layers``, or 0 when the model does not define it."""
     try:
-        return int(model.num_layers)  # type: ignore[attr-defined]
+        n: Any = model.num_layers
+        return int(n)
     except (NotImplementedError, AttributeError, TypeError):
         return 0
+
+
+def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
+    return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
+
+
+def _slice(batch: Batch, lo: int, hi: int) -> Batch:
+    """Examples ``lo:hi`` of ``batch``."""
+    if lo == 0 and hi == len(batch):
+        return batch
+    dom = batch.domain[lo:hi] if batch.domain is not None else None
+    return Batch({k: v[lo:hi] for k, v in batch.inputs.items()}, batch.labels[lo:hi],
+                 batch.index[lo:hi], dom)
 
 
 def _clip_(grads: list[Tensor], max_norm: float) -> Tensor:
@@ -159,10 +174,13 @@ class Reptile(TeacherUpdate):
         self.pairs = parameter_pairs(ctx.student, ctx.teacher, cfg.mapping)
         s_params = dict(ctx.student.named_parameters())
         self._s_names = [n for n in s_params if s_params[n].requires_grad]
-        self._s_list = [s_params[n] for n in self._s_names]
+        self._s_list: list[Tensor] = [s_params[n] for n in self._s_names]
         with torch.no_grad():  # fast weights: leaf tensors refreshed in place every step
             self._fast = [p.detach().clone().requires_grad_(True) for p in self._s_list]
             self._bufs = {n: b.detach().clone() for n, b in ctx.student.named_buffers()}
+            zeros = cfg.inner_optimizer == "fresh_adamw"
+            self._moments = ([torch.zeros_like(p) for p in self._s_list] if zeros else [],
+                             [torch.zeros_like(p) for p in self._s_list] if zeros else [])
         self._s_bufs = dict(ctx.student.named_buffers())
         fast_of = dict(zip(self._s_names, self._fast, strict=True))
         t_params = dict(ctx.teacher.named_parameters())
@@ -179,33 +197,37 @@ class Reptile(TeacherUpdate):
             self.opt = torch.optim.AdamW(groups, lr=cfg.teacher_lr, eps=cfg.adam_eps)
         else:
             self.opt = torch.optim.SGD(groups, lr=cfg.teacher_lr, momentum=0.0)
+        from transformers import get_linear_schedule_with_warmup  # slow import: not at plugin load
+
         total = max(int(ctx.total_steps), 1)
-        warm = int(cfg.teacher_warmup * total)
-
-        def lr_lambda(step: int) -> float:
-            if step < warm:
-                return step / max(warm, 1)
-            return max(0.0, (total - step) / max(total - warm, 1))
-
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
+        self.sched = get_linear_schedule_with_warmup(self.opt, int(cfg.teacher_warmup * total), total)
         if self._pending is not None:
             self.load_state_dict(self._pending)
         n_mapped = len(self._t_names)
         return {"teacher/mapped_tensors": float(n_mapped),
                 "teacher/unmapped_tensors": float(len(t_params) - n_mapped)}
 
-    def _inner_grads(self, ctx: StepContext, batch: Batch, teacher_out: ModelOutput) -> list[Tensor]:
-        """Gradient of the cell's summed loss terms w.r.t. the fast weights (student order)."""
+    def _inner_grads(self, ctx: StepContext, parts: list[tuple[Batch, ModelOutput, float]]) -> list[Tensor]:
+        """Gradient of the cell's summed loss terms w.r.t. the fast weights (student order),
+        accumulated over micro-batches ``(batch, teacher output, weight)``."""
         params = dict(zip(self._s_names, self._fast, strict=True))
-        for n, b in self._bufs.items():
-            b.copy_(self._s_bufs[n])  # in-place buffer updates (BatchNorm) must not leak
-        with ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext():
-            out = torch.func.functional_call(ctx.student, {**params, **self._bufs},
-                                             (batch.inputs,), {"want": ctx.want})
-        terms = ctx.loss(out, teacher_out, batch)
-        loss = torch.stack([v.float() for v in terms.values()]).sum()
-        grads = torch.autograd.grad(loss, self._fast, allow_unused=True)
-        return [torch.zeros_like(f) if g is None else g for f, g in zip(self._fast, grads, strict=True)]
+        total: list[Tensor] | None = None
+        for part, t_out, weight in parts:
+            for n, b in self._bufs.items():
+                b.copy_(self._s_bufs[n])  # in-place buffer updates (BatchNorm) must not leak
+            with _autocast(ctx):
+                out = torch.func.functional_call(ctx.student, {**params, **self._bufs},
+                                                 (part.inputs,), {"want": ctx.want})
+                terms = ctx.loss(out, t_out, part)
+            loss = torch.stack([v.float() for v in terms.values()]).sum() * weight
+            grads = torch.autograd.grad(loss, self._fast, allow_unused=True)
+            g = [torch.zeros_like(f) if x is None else x for f, x in zip(self._fast, grads, strict=True)]
+            if total is None:
+                total = g
+            else:
+                torch._foreach_add_(total, g)
+        assert total is not None
+        return total
 
     @torch.no_grad()
     def _adamw_(self, grads: list[Tensor], m: list[Tensor], v: list[Tensor], t: int,
@@ -237,20 +259,30 @@ class Reptile(TeacherUpdate):
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_copy_(self._fast, self._s_list)
-        teacher_out = ctx.teacher_forward(ctx.batch.inputs, grad=False)
+        batch, n = ctx.batch, len(ctx.batch)
+        micro = int(getattr(ctx.train, "micro_batch_size", 0)) or n
+        parts = []
+        for lo in range(0, n, micro):  # same micro-batching as the real student step
+            part = _slice(batch, lo, min(lo + micro, n))
+            with _autocast(ctx):
+                parts.append((part, ctx.teacher_forward(part.inputs, grad=False), len(part) / n))
+        was_training = ctx.student.training
+        ctx.student.train(cfg.inner_dropout)
         adam = cfg.inner_optimizer == "fresh_adamw"
         if adam:  # fresh AdamW every outer step: zero moments, step counter from 1
-            m = [torch.zeros_like(f) for f in self._fast]
-            v = [torch.zeros_like(f) for f in self._fast]
+            m, v = self._moments
+            torch._foreach_zero_(m)
+            torch._foreach_zero_(v)
             lr, wd = float(ctx.train.lr), float(getattr(ctx.train, "weight_decay", 0.0))
         for t in range(1, cfg.inner_steps + 1):
-            grads = self._inner_grads(ctx, ctx.batch, teacher_out)
+            grads = self._inner_grads(ctx, parts)
             _clip_(grads, cfg.inner_max_grad_norm)
             if adam:
                 self._adamw_(grads, m, v, t, lr, wd)
             else:
                 with torch.no_grad():
                     torch._foreach_add_(self._fast, grads, alpha=-cfg.inner_lr)
+        ctx.student.train(was_training)
         with torch.no_grad():
             for ti, fast in self._pair_idx:  # g_T = Σ over mapped copies of (θ_T − θ'_S)
                 p = self._t_list[ti]

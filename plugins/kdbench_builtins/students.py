@@ -1,9 +1,19 @@
 """Ways to make a student: its own model kind, or k layers picked from a checkpoint.
 
 ``model`` (:class:`ModelStudentConfig`)
-    The student is any model kind with its own options; the config is ``kind`` (a model kind
-    name) plus ``options`` (that kind's config as a table), e.g. ``{kind = "resnet20"}`` or
-    ``{kind = "hf", options = {checkpoint = "huawei-noah/TinyBERT_General_4L_312D"}}``.
+    The student is any model kind with its own options: ``model`` (a model kind name) plus
+    ``options`` (that kind's Config fields as a table)::
+
+        [students.r20]
+        teacher = "r56"
+        kind = "model"
+        model = "resnet20"
+
+        [students.tinybert4]
+        teacher = "bert-base"
+        kind = "model"
+        model = "hf"
+        options = { checkpoint = "huawei-noah/TinyBERT_General_4L_312D" }
 
 ``pick-layers`` (:class:`PickLayersConfig`)
     ``layers`` transformer layers of a pre-trained text checkpoint: by default the teacher kind's
@@ -12,8 +22,14 @@
     initialises its students from the first layers of pre-trained ``bert-base-uncased`` and
     MetaDistil from pre-trained BERT ("well-read student"), never from the fine-tuned teacher
     (methods.md §1). Embeddings and pooler are copied, the picked layers are copied exactly, and
-    the classifier head is freshly drawn from the build generator. E.g.
-    ``{layers = 6, pick = "skip"}`` or ``{layers = 3, pick = [0, 2, 4]}``.
+    the classifier head is freshly drawn from the build generator::
+
+        [students.bert6-skip]
+        teacher = "bert-base"
+        kind = "pick-layers"
+        layers = 6
+        pick = "skip"          # "first" | "skip" | "last" | [1, 3, 5, 7, 9, 11]
+        # checkpoint = "bert-base-uncased"; attn_implementation = "eager"
 """
 
 from __future__ import annotations
@@ -26,9 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdbench.errors import ConfigError
-from kdbench.hookspecs import hookimpl
-from kdbench.types import KDModel, ModelKind, StudentKind
+import kdbench
+from kdbench import ConfigError, KDModel, ModelKind, StudentKind
 from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, seeded
 from kdbench_builtins.models_vision import VISION_KINDS
 
@@ -52,7 +67,7 @@ def make_config(cls: type[ModelKind], options: dict[str, Any], where: str) -> An
 class ModelStudentConfig:
     """Options of the ``model`` student: a model kind and that kind's options."""
 
-    kind: str = ""  # model kind name, e.g. "resnet20", "hf", "tiny-bert"
+    model: str = ""  # model kind name, e.g. "resnet20", "hf", "tiny-bert"
     options: dict[str, Any] = field(default_factory=dict)  # the kind's Config fields
 
 
@@ -66,24 +81,25 @@ class ModelStudent(StudentKind):
         """The configured model kind, instantiated with its options."""
         kinds = builtin_model_kinds()
         c: ModelStudentConfig = self.cfg
-        if c.kind not in kinds:
-            raise ConfigError(f"student.kind = {c.kind!r} is not a model kind; choose one of "
+        if c.model not in kinds:
+            raise ConfigError(f"student model = {c.model!r} is not a model kind; choose one of "
                               f"{', '.join(sorted(kinds))}")
-        cls = kinds[c.kind]
-        return cls(make_config(cls, dict(c.options), "student.options"))
+        cls = kinds[c.model]
+        return cls(make_config(cls, dict(c.options), "student options"))
 
     def modality(self, teacher: ModelKind) -> str:
-        """The student kind's own modality."""
-        return self.model_kind().modality
-
-    def build(self, teacher: ModelKind, num_labels: int, generator: torch.Generator) -> KDModel:
-        """Build the configured kind; it must consume the teacher's inputs (same modality)."""
+        """The student kind's modality, which must be the teacher's (checked at plan time)."""
         kind = self.model_kind()
         if kind.modality != teacher.modality:
             raise ConfigError(f"student {kind.name!r} is a {kind.modality} model but teacher "
                               f"{teacher.name!r} is a {teacher.modality} model; pick a "
                               f"{teacher.modality} student")
-        return kind.build(num_labels, generator)
+        return kind.modality
+
+    def build(self, teacher: ModelKind, num_labels: int, generator: torch.Generator) -> KDModel:
+        """Build the configured kind; it must consume the teacher's inputs (same modality)."""
+        self.modality(teacher)
+        return self.model_kind().build(num_labels, generator)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,19 +119,19 @@ def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: in
     top one, ``(j + 1) * total // k - 1`` (12 -> 6: 1, 3, 5, 7, 9, 11; 6 -> 2: 2, 5).
     """
     if not 1 <= layers <= total:
-        raise ConfigError(f"student.layers = {layers}, but the source checkpoint has {total} "
+        raise ConfigError(f"student layers = {layers}, but the source checkpoint has {total} "
                           f"layers; choose 1..{total}")
     if isinstance(pick, str):
         named = {"first": list(range(layers)),
                  "last": list(range(total - layers, total)),
                  "skip": [(j + 1) * total // layers - 1 for j in range(layers)]}
         if pick not in named:
-            raise ConfigError(f"student.pick = {pick!r}; use \"first\", \"skip\", \"last\" or a "
+            raise ConfigError(f"student pick = {pick!r}; use \"first\", \"skip\", \"last\" or a "
                               "list of 0-based layer indices")
         return named[pick]
     idx = list(pick)
     if len(idx) != layers or not all(isinstance(i, int) and 0 <= i < total for i in idx):
-        raise ConfigError(f"student.pick = {idx}: need exactly layers = {layers} integers in "
+        raise ConfigError(f"student pick = {idx}: need exactly layers = {layers} integers in "
                           f"0..{total - 1}; set layers = len(pick)")
     return idx
 
@@ -135,12 +151,17 @@ class PickLayers(StudentKind):
     name = "pick-layers"
     Config = PickLayersConfig
 
-    def _source_kind(self, teacher: ModelKind) -> ModelKind:
-        c: PickLayersConfig = self.cfg
+    def modality(self, teacher: ModelKind) -> str:
+        """Always "text"; a vision teacher is a config error (raised at plan time)."""
         if teacher.modality != "text":
             raise ConfigError(f"student pick-layers needs a text teacher, but {teacher.name!r} is "
                               f"a {teacher.modality} model; use the \"model\" student with a "
                               f"{teacher.modality} kind")
+        return "text"
+
+    def _source_kind(self, teacher: ModelKind) -> ModelKind:
+        c: PickLayersConfig = self.cfg
+        self.modality(teacher)
         if not c.checkpoint:
             return teacher
         tc = teacher.cfg if isinstance(teacher.cfg, HFConfig) else HFConfig()
@@ -180,8 +201,8 @@ class PickLayers(StudentKind):
         return HFTextModel(model, tokenizer=source.tokenizer, origin=origin)
 
 
-@hookimpl
-def kdbench_register_students(register: Any) -> None:
+@kdbench.hookimpl
+def kdbench_register_students(register: kdbench.Registrar) -> None:
     """Student kinds."""
     register(ModelStudent)
     register(PickLayers)

@@ -56,12 +56,12 @@ class Layout:
     genre: str | None = None
 
 
-def read_tsv(path: Path, *, header: bool, skip_malformed: bool) -> tuple[list[str], list[tuple[int, list[str]]], int]:
-    """Read a GLUE TSV without quote processing.
+def read_tsv(path: Path, *, header: bool) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Read a GLUE TSV without quote processing (every tab splits; quotes are text).
 
     Returns:
-        (header names or [], [(1-based line number, fields)], number of malformed rows skipped).
-        Field-count checks happen in :func:`_rows`; this only splits lines and decodes UTF-8.
+        (header names or [], [(1-based line number, fields)]). Field counts are checked by the
+        caller; this only splits lines and decodes UTF-8 (a bad byte names file and line).
     """
     if not path.is_file():
         raise DataError(f"missing file {path}; check data_dir (the GLUE root holding SST-2/, CoLA/, ...)")
@@ -79,10 +79,10 @@ def read_tsv(path: Path, *, header: bool, skip_malformed: bool) -> tuple[list[st
             text = text.lstrip("\ufeff")  # MRPC files start with a byte-order mark
         lines.append((no, text.rstrip("\r").split("\t")))
     if not header:
-        return [], lines, 0
+        return [], lines
     if not lines:
         raise DataError(f"{path}: empty file, expected a header line; re-download it")
-    return lines[0][1], lines[1:], 0
+    return lines[0][1], lines[1:]
 
 
 class GlueTask(Task):
@@ -133,7 +133,7 @@ class GlueTask(Task):
 
     def _read_split(self, split: str, path: Path) -> datasets.Dataset:
         test = split.startswith("test")
-        header, lines, _ = read_tsv(path, header=self.has_header or test, skip_malformed=self.cfg.skip_malformed)
+        header, lines = read_tsv(path, header=self.has_header or test)
         lay = self.test_layout if test else self.layout
         cols = {k: getattr(lay, k) for k in ("text_a", "text_b", "label", "genre")}
         if header:
@@ -144,7 +144,7 @@ class GlueTask(Task):
             idx = {k: header.index(v) if isinstance(v, str) else v for k, v in cols.items()}
             width = len(header)
         else:
-            idx, width = cols, (4 if not test else 2)
+            idx, width = cols, 4  # CoLA train/dev: source, label, original label, sentence
         data: dict[str, list[Any]] = {"text_a": [], "label": []}
         if lay.text_b is not None:
             data["text_b"] = []
@@ -228,3 +228,174 @@ def _hub_load(task: str, path: str, config: str | None = None) -> Any:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Hint: it needs "
                         f"network access or a populated HF cache; else set task.{task}.source=\"local\" "
                         f"with task.{task}.data_dir=<GLUE root>") from None
+
+
+class Cola(GlueTask):
+    """CoLA: grammatical acceptability; Matthews correlation. Train/dev TSVs have no header."""
+
+    name = "glue/cola"
+    folder, hub_config, hub_text = "CoLA", "cola", ("sentence", None)
+    has_header = False
+    layout, test_layout = Layout(3, None, 1), Layout("sentence", None, None)
+    label_names = ("unacceptable", "acceptable")
+    metrics = ("matthews_correlation",)
+
+
+class Sst2(GlueTask):
+    """SST-2: binary movie-review sentiment; accuracy."""
+
+    name = "glue/sst2"
+    folder, hub_config, hub_text = "SST-2", "sst2", ("sentence", None)
+    layout, test_layout = Layout("sentence", None, "label"), Layout("sentence", None, None)
+    label_names = ("negative", "positive")
+    metrics = ("accuracy",)
+
+
+class Mrpc(GlueTask):
+    """MRPC: paraphrase pairs; F1 (primary) and accuracy."""
+
+    name = "glue/mrpc"
+    folder, hub_config, hub_text = "MRPC", "mrpc", ("sentence1", "sentence2")
+    layout = Layout("#1 String", "#2 String", "Quality")
+    test_layout = Layout("#1 String", "#2 String", None)
+    label_names = ("not_equivalent", "equivalent")
+    metrics = ("f1", "accuracy")
+
+
+class Stsb(GlueTask):
+    """STS-B: sentence similarity regression (0-5, num_labels=1); Pearson and Spearman."""
+
+    name = "glue/stsb"
+    folder, hub_config, hub_text = "STS-B", "stsb", ("sentence1", "sentence2")
+    layout, test_layout = Layout("sentence1", "sentence2", "score"), Layout("sentence1", "sentence2", None)
+    num_labels = 1
+    label_map = None
+    metrics = ("pearson", "spearmanr")
+
+
+class Qqp(GlueTask):
+    """QQP: duplicate Quora questions; F1 (primary) and accuracy."""
+
+    name = "glue/qqp"
+    folder, hub_config, hub_text = "QQP", "qqp", ("question1", "question2")
+    layout = Layout("question1", "question2", "is_duplicate")
+    test_layout = Layout("question1", "question2", None)
+    label_names = ("not_duplicate", "duplicate")
+    metrics = ("f1", "accuracy")
+
+
+class Mnli(GlueTask):
+    """MNLI: 3-way NLI; accuracy on dev_matched and dev_mismatched (two eval splits).
+
+    ``domains`` are the 5 training genres (genre column 3); rows of other genres (all of
+    dev/test_mismatched) get domain -1. Hub source: ``nyu-mll/multi_nli`` for the labelled splits
+    (``nyu-mll/glue``'s mnli config has no genre column) and ``nyu-mll/glue``/mnli for the test
+    splits; both use the same label ids.
+    """
+
+    name = "glue/mnli"
+    folder, hub_config, hub_text = "MNLI", "mnli", ("premise", "hypothesis")
+    layout = Layout("sentence1", "sentence2", "gold_label", "genre")
+    test_layout = Layout("sentence1", "sentence2", None, "genre")
+    files = {"train": "train.tsv", "dev_matched": "dev_matched.tsv",
+             "dev_mismatched": "dev_mismatched.tsv", "test_matched": "test_matched.tsv",
+             "test_mismatched": "test_mismatched.tsv"}
+    num_labels = 3
+    label_names = ("entailment", "neutral", "contradiction")
+    label_map = {"entailment": 0, "neutral": 1, "contradiction": 2}
+    submit_labels = label_names
+    domains = MNLI_GENRES
+    eval_splits = ("dev_matched", "dev_mismatched")
+
+    def _load_hub(self) -> dict[str, datasets.Dataset]:
+        nli = _hub_load(self.name, "nyu-mll/multi_nli")
+        glue = _hub_load(self.name, "nyu-mll/glue", "mnli")
+        self.load_info = {"source": "hub", "dataset": "nyu-mll/multi_nli + nyu-mll/glue/mnli", "files": {}}
+        out = {s: self._from_hub(nli[h], s, "genre") for s, h in
+               (("train", "train"), ("dev_matched", "validation_matched"),
+                ("dev_mismatched", "validation_mismatched"))}
+        out.update({s: self._from_hub(glue[s], s) for s in ("test_matched", "test_mismatched")})
+        return out
+
+
+class _Entail(GlueTask):
+    label_names = ("entailment", "not_entailment")
+    label_map = {"entailment": 0, "not_entailment": 1}
+    submit_labels = label_names
+    metrics = ("accuracy",)
+
+
+class Qnli(_Entail):
+    """QNLI: does the sentence answer the question; accuracy."""
+
+    name = "glue/qnli"
+    folder, hub_config, hub_text = "QNLI", "qnli", ("question", "sentence")
+    layout, test_layout = Layout("question", "sentence", "label"), Layout("question", "sentence", None)
+
+
+class Rte(_Entail):
+    """RTE: 2-way textual entailment; accuracy."""
+
+    name = "glue/rte"
+    folder, hub_config, hub_text = "RTE", "rte", ("sentence1", "sentence2")
+    layout, test_layout = Layout("sentence1", "sentence2", "label"), Layout("sentence1", "sentence2", None)
+
+
+class Wnli(GlueTask):
+    """WNLI: Winograd NLI (TSV labels 0/1; 1 = entailment as in nyu-mll/glue); accuracy."""
+
+    name = "glue/wnli"
+    folder, hub_config, hub_text = "WNLI", "wnli", ("sentence1", "sentence2")
+    layout, test_layout = Layout("sentence1", "sentence2", "label"), Layout("sentence1", "sentence2", None)
+    label_names = ("not_entailment", "entailment")
+    metrics = ("accuracy",)
+
+
+GLUE_TASKS: tuple[type[GlueTask], ...] = (Cola, Sst2, Mrpc, Stsb, Qqp, Mnli, Qnli, Rte, Wnli)
+_SUBMIT_FILES = {"glue/mnli": {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}}
+
+
+def write_glue_submission(task: GlueTask | type[GlueTask], predictions: Any, out_dir: str | Path) -> list[Path]:
+    """Write gluebenchmark.com submission file(s): ``index<TAB>prediction`` per test row.
+
+    Args:
+        task: a GLUE task (instance or class).
+        predictions: (N,) class ids (floats for STS-B) in test-file order; for MNLI a mapping
+            ``{"test_matched": ..., "test_mismatched": ...}``.
+        out_dir: folder to write e.g. ``SST-2.tsv``, ``MNLI-m.tsv``/``MNLI-mm.tsv`` into.
+
+    Returns:
+        The written paths. MNLI/QNLI/RTE predictions are written as label strings, STS-B scores
+        clipped to [0, 5] with 3 decimals, other tasks as 0/1.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _SUBMIT_FILES.get(task.name, {"test": task.folder})
+    if task.name in _SUBMIT_FILES:
+        if not isinstance(predictions, dict) or set(predictions) != set(names):
+            raise ValueError(f"{task.name} submissions need predictions for {sorted(names)}")
+        preds_by = predictions
+    else:
+        preds_by = {"test": predictions}
+    written = []
+    for split, stem in names.items():
+        p = np.asarray(preds_by[split].detach().cpu() if hasattr(preds_by[split], "detach") else preds_by[split]).reshape(-1)
+        if task.num_labels == 1:
+            cells = [f"{v:.3f}" for v in np.clip(p.astype(np.float64), 0.0, 5.0)]
+        else:
+            ids = p.astype(np.int64)
+            if ((ids < 0) | (ids >= task.num_labels)).any():
+                raise ValueError(f"{task.name} predictions must be class ids 0..{task.num_labels - 1}")
+            cells = [task.submit_labels[i] for i in ids] if task.submit_labels else [str(i) for i in ids]
+        path = out / f"{stem}.tsv"
+        path.write_text("index\tprediction\n" + "".join(f"{i}\t{c}\n" for i, c in enumerate(cells)),
+                        encoding="utf-8")
+        written.append(path)
+    return written
+
+
+@hookimpl
+def kdbench_register_tasks(register: Any) -> None:
+    """Register the nine GLUE tasks."""
+    for cls in GLUE_TASKS:
+        register(cls)

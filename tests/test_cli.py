@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdbench.cli import main
+from kdbench.errors import ExitCode
+from kdbench.testing import tiny_suite
+
+
+def test_misspelled_method_one_line_exit_code(capsys):
+    code = main(["run", "--methods", "metadistl", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.CONFIG_ERROR
+    assert "unknown method 'metadistl'; Did you mean 'metadistil'?" in err
+    assert "Traceback" not in err and err.startswith("kdbench: error:")
+
+
+def test_suite_with_three_mistakes_reports_all(tmp_path, capsys):
+    path = tiny_suite(tmp_path / "s.toml", "kd")
+    text = path.read_text().replace('methods = ["kd"]', 'methods = ["kdd"]').replace("epochs = 1\nbatch_size = 16",
+                                                                                     'epochs = "1"\nbatch_size = 16\nbach = 3', 1)
+    path.write_text(text)
+    assert main(["validate", "--suite", str(path)]) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "unknown method 'kdd'" in err
+    assert "key 'epochs' expects int, got str ('1')" in err and "unknown key 'bach'" in err
+
+
+def test_dry_run_lists_cells(capsys):
+    assert main(["run", "--dry-run"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "cells:" in out and "teacher__toy-reviews" in out and "metadistil__toy-digits" in out
+
+
+def test_ls_and_plugins(capsys):
+    assert main(["ls", "methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("kd", "pkd-skip", "metadistil", "reptile-distil", "meta-kd", "no-kd"):
+        assert f"\n{name} " in out
+    assert main(["ls", "tasks"]) == 0
+    assert "glue/mnli" in capsys.readouterr().out
+    assert main(["plugins", "--hook", "kdbench_register_methods"]) == 0
+    names = {p["name"] for p in json.loads(capsys.readouterr().out)}
+    assert "kdbench_builtins.metadistil" in names
+
+
+def test_bad_plugin_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    assert main(["-p", str(bad), "ls", "methods"]) == ExitCode.PLUGIN_ERROR
+    assert "error loading plugin" in capsys.readouterr().err
+
+
+def test_leaderboard_without_results(tmp_path, capsys):
+    assert main(["leaderboard", "--out-dir", str(tmp_path)]) == ExitCode.USAGE_ERROR
+
+
+def test_run_end_to_end_subprocess(tmp_path):
+    suite = tiny_suite(tmp_path / "tiny.toml", "kd", steps=6)
+    cmd = [sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--out-dir", str(tmp_path / "lb"),
+           "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    board = (tmp_path / "lb" / "tiny.md").read_text()
+    assert "| kd " in board and "| teacher " in board
+    results = list((tmp_path / "lb" / "results" / "tiny").glob("*.json"))
+    assert len(results) == 2
+    # a second run skips finished cells and re-renders the same table
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 already done, 0 to run" in again.stderr
+    check = subprocess.run([sys.executable, "-m", "kdbench", "leaderboard", "--out-dir", str(tmp_path / "lb"), "--check"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("argv", [["ls", "suites"]])
+def test_ls_suites(argv, capsys):
+    assert main(argv) == 0
+    assert "quickstart" in capsys.readouterr().out

@@ -1,0 +1,348 @@
+"""Fault tolerance of the runner: kill -9 and resume, NaN -> diverged, OOM retry, --retry-failed.
+
+The kill test runs the real CLI in subprocesses; the others run ``kdbench.cli.main`` in-process
+with a test plugin written to a .py file and loaded with ``-p`` (exactly as a user would).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kdbench.cli import main
+from kdbench.errors import ExitCode
+from kdbench.results import load_results, read_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+SUITE = textwrap.dedent("""\
+    [suite]
+    name = "ft"
+    methods = {methods}
+    tasks = ["toy/reviews"]
+    students = ["bert-l1"]
+    seeds = {seeds}
+    baselines = {baselines}
+
+    [teachers.bert]
+    kind = "tiny-bert"
+    layers = 2
+    hidden = 32
+
+    [students.bert-l1]
+    teacher = "bert"
+    kind = "pick-layers"
+    layers = 1
+    pick = "last"
+
+    [train]
+    epochs = {epochs}
+    batch_size = 16
+    lr = 1e-3
+    log_every = 2
+    checkpoint_every = 2
+
+    [teacher_train]
+    epochs = 2
+    batch_size = 32
+    lr = 2e-3
+
+    [task."toy/reviews"]
+    per_domain = 200
+    max_train_examples = 96
+    """)
+
+# A fault-injection plugin, loaded with -p like any user plugin.
+PLUGIN = textwrap.dedent('''\
+    """Test plugin: a loss that turns NaN, an injected CUDA OOM, and an injected failure."""
+
+    from __future__ import annotations
+
+    import os
+    from dataclasses import dataclass
+
+    import torch
+
+    from kdbench.hookspecs import hookimpl
+    from kdbench.types import Method
+    from kdbench_builtins.losses import CrossEntropy
+
+
+    @dataclass(frozen=True)
+    class NanConfig:
+        at_step: int = 3  # the training step (1-based) whose loss becomes NaN
+
+
+    class NanAfter(CrossEntropy):
+        name = "nan-after"
+        Config = NanConfig
+
+        def __init__(self, cfg, *, task, teacher, student):
+            super().__init__(cfg, task=task, teacher=teacher, student=student)
+            self.calls = 0
+
+        def forward(self, student, teacher, batch):
+            self.calls += 1
+            terms = super().forward(student, teacher, batch)
+            if self.calls >= self.cfg.at_step:
+                terms["ce"] = terms["ce"] * float("nan")
+            return terms
+
+
+    @hookimpl
+    def kdbench_register_losses(register):
+        register(NanAfter)
+
+
+    @hookimpl
+    def kdbench_register_methods(register):
+        register(Method(name="nan-test", teacher_update="frozen", loss="nan-after"))
+
+
+    @hookimpl(tryfirst=True)
+    def kdbench_run_cell(spec, ctx):
+        """OOM for "kd" cells at full micro-batch (KDBENCH_TEST_OOM=1); RuntimeError for the
+        methods named in KDBENCH_TEST_FAIL. Otherwise None: the real loop runs."""
+        if os.environ.get("KDBENCH_TEST_OOM") == "1" and spec.method == "kd" \\
+                and spec.train.micro_batch_size == 0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        if spec.method in os.environ.get("KDBENCH_TEST_FAIL", "").split(","):
+            raise RuntimeError(f"injected failure in {spec.method}")
+        return None
+    ''')
+
+
+def write_suite(path: Path, methods: list[str], seeds: list[int], *, baselines: bool = True,
+                epochs: int = 3) -> Path:
+    """The fault-tolerance suite: toy/reviews, tiny BERT pair, checkpoints every 2 steps."""
+    path.write_text(SUITE.format(methods=json.dumps(methods), seeds=json.dumps(seeds),
+                                 baselines=str(baselines).lower(), epochs=epochs))
+    return path
+
+
+def results_by_method(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """{method: result} for a one-seed run."""
+    return {r["method"]: r for r in load_results(results_dir)["result"]}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the in-process tests: the teacher is fine-tuned once and reused."""
+    return tmp_path_factory.mktemp("ft-cache")
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fault plugin as a file for -p; no fault is switched on."""
+    monkeypatch.delenv("KDBENCH_TEST_OOM", raising=False)
+    monkeypatch.delenv("KDBENCH_TEST_FAIL", raising=False)
+    path = tmp_path / "faults.py"
+    path.write_text(PLUGIN)
+    return path
+
+
+def run_cli(suite: Path, results: Path, cache: Path, plugin: Path, *extra: str) -> int:
+    """``kdbench -p plugin run --suite suite ...`` in this process; returns the exit code."""
+    return main(["-p", str(plugin), "run", "--suite", str(suite), "--results-dir", str(results),
+                 "--cache-dir", str(cache), "--no-leaderboard", *extra])
+
+
+# -- NaN -> diverged -------------------------------------------------------------------------------
+
+
+def test_nan_loss_marks_cell_diverged_and_matrix_goes_on(tmp_path: Path, plugin: Path,
+                                                         shared_cache: Path) -> None:
+    suite = write_suite(tmp_path / "s.toml", ["nan-test", "kd"], [0], baselines=False)
+    # NaN from step 3 on; the check runs when metrics are read (every log_every=2 steps) -> step 4
+    results = tmp_path / "res"
+    code = run_cli(suite, results, shared_cache, plugin, "loss.nan-after.at_step=3")
+    assert code == int(ExitCode.OK)  # diverged is a verdict, not a failure
+    res = results_by_method(results)
+    assert res["nan-test"]["status"] == "diverged"
+    assert res["nan-test"]["extra"]["diverged_step"] == 4
+    assert "non-finite loss/" in res["nan-test"]["reason"]
+    assert res["kd"]["status"] == "ok" and res["teacher"]["status"] == "ok"
+    assert res["kd"]["protocol"]["steps"] == 18
+    # a diverged cell is final: a rerun (same overrides) skips it
+    files = {p.name: p.read_bytes() for p in results.glob("*.json")}
+    assert run_cli(suite, results, shared_cache, plugin, "loss.nan-after.at_step=3") == int(ExitCode.OK)
+    assert {p.name: p.read_bytes() for p in results.glob("*.json")} == files
+
+
+# -- OOM -> micro-batch halving ------------------------------------------------------------------
+
+
+def test_oom_is_retried_with_half_micro_batch(tmp_path: Path, plugin: Path, shared_cache: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBENCH_TEST_OOM", "1")
+    suite = write_suite(tmp_path / "s.toml", ["kd"], [0], baselines=True)
+    code = run_cli(suite, tmp_path / "res", shared_cache, plugin)
+    assert code == int(ExitCode.OK)
+    res = results_by_method(tmp_path / "res")
+    kd = res["kd"]
+    assert kd["status"] == "ok", kd["reason"]
+    assert kd["extra"]["micro_batch_size"] == 8  # batch_size 16 halved; effective batch unchanged
+    retries = kd["extra"]["oom_retries"]
+    assert len(retries) == 1 and retries[0]["micro_batch_size"] == 8
+    assert "OutOfMemoryError" in retries[0]["error"]
+    assert kd["config"]["train"]["micro_batch_size"] == 8 and kd["config"]["train"]["batch_size"] == 16
+    assert kd["protocol"]["steps"] == 18  # same number of optimizer steps as without accumulation
+    assert res["no-kd"]["status"] == "ok" and "oom_retries" not in res["no-kd"]["extra"]
+
+
+def test_oom_without_retries_fails_the_cell_only(tmp_path: Path, plugin: Path, shared_cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBENCH_TEST_OOM", "1")
+    suite = write_suite(tmp_path / "s.toml", ["kd"], [0], baselines=True)
+    code = run_cli(suite, tmp_path / "res", shared_cache, plugin, "train.oom_retries=0")
+    assert code == int(ExitCode.RUNS_FAILED)
+    res = results_by_method(tmp_path / "res")
+    assert res["kd"]["status"] == "failed"
+    assert res["kd"]["extra"]["error_kind"] == "oom"
+    assert "OutOfMemoryError" in res["kd"]["reason"]
+    assert "oom_retries" not in res["kd"]["extra"]
+    assert res["no-kd"]["status"] == "ok" and res["teacher"]["status"] == "ok"  # the matrix went on
+
+
+# -- --retry-failed -----------------------------------------------------------------------------
+
+
+def test_failed_cell_is_skipped_unless_retry_failed(tmp_path: Path, plugin: Path, shared_cache: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    suite = write_suite(tmp_path / "s.toml", ["kd"], [0], baselines=True)
+    results = tmp_path / "res"
+    monkeypatch.setenv("KDBENCH_TEST_FAIL", "no-kd")
+    assert run_cli(suite, results, shared_cache, plugin) == int(ExitCode.RUNS_FAILED)
+    first = results_by_method(results)
+    assert first["no-kd"]["status"] == "failed" and first["no-kd"]["extra"]["error_kind"] == "failed"
+    assert "injected failure in no-kd" in first["no-kd"]["reason"]
+    assert first["kd"]["status"] == "ok"
+    files = {p.name: p.read_bytes() for p in results.glob("*.json")}
+
+    monkeypatch.delenv("KDBENCH_TEST_FAIL")  # the cause is fixed
+    capsys.readouterr()
+    assert run_cli(suite, results, shared_cache, plugin) == int(ExitCode.OK)
+    assert "3 cells, 3 already done, 0 to run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in results.glob("*.json")} == files  # nothing rerun
+
+    assert run_cli(suite, results, shared_cache, plugin, "--retry-failed") == int(ExitCode.OK)
+    assert "3 cells, 2 already done, 1 to run" in capsys.readouterr().err
+    after = results_by_method(results)
+    assert after["no-kd"]["status"] == "ok" and after["no-kd"]["protocol"]["steps"] == 18
+    for name, data in files.items():  # the finished cells were not touched
+        if not name.startswith("no-kd"):
+            assert (results / name).read_bytes() == data
+
+
+# -- kill -9 and resume -------------------------------------------------------------------------
+
+COMPARED = ("status", "metrics", "protocol", "history", "seeds", "method", "task", "seed", "config")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    roots = [str(REPO), str(REPO / "plugins"), env.get("PYTHONPATH", "")]
+    env.update(PYTHONPATH=os.pathsep.join(p for p in roots if p), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", KDBENCH_DISABLE_PLUGIN_AUTOLOAD="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("KDBENCH_TENSORBOARD", None)
+    return env
+
+
+def _start(suite: Path, out: Path, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--results-dir",
+           str(out / "results"), "--cache-dir", str(out / "cache"), "--no-leaderboard"]
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=str(out))
+
+
+def _wait_for(proc: subprocess.Popen[bytes], ready: Any, timeout: float = 60.0) -> bool:
+    """Poll until ``ready()``; False if the process exited first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ready():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run to make progress")
+
+
+def _fresh_checkpoint(ckpt_dir: Path, since: float) -> Any:
+    def ready() -> bool:
+        try:
+            return any(p.stat().st_mtime >= since for p in ckpt_dir.glob("*.pt"))
+        except FileNotFoundError:  # renamed or deleted while listing
+            return False
+    return ready
+
+
+def _final(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every result file parses; {run_id: result}."""
+    out = {}
+    for path in sorted(results_dir.glob("*.json")):
+        r = read_result(path)
+        assert path.name == f"{r['run_id']}.json"
+        out[r["run_id"]] = r
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path / "suite.toml", ["kd"], [0, 1], baselines=True, epochs=3)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    ref = _start(suite, ref_dir, ref_dir / "log.txt")  # uninterrupted, alongside the killed runs
+    rng = random.Random(20240611)
+    log = run_dir / "log.txt"
+    kills = []
+    try:
+        for attempt in range(3):
+            t0 = time.time()
+            proc = _start(suite, run_dir, log)
+            if attempt == 0:  # somewhere in planning, data preparation or teacher fine-tuning
+                ready = lambda: "to run ->" in log.read_text(errors="replace")  # noqa: E731
+            else:  # a moment after a method cell wrote a checkpoint: mid-epoch or at an epoch end
+                ready = _fresh_checkpoint(run_dir / "cache" / "checkpoints", t0)
+            if _wait_for(proc, ready):
+                time.sleep(rng.uniform(0.0, 1.0) if attempt == 0 else rng.uniform(0.0, 0.25))
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills.append(proc.returncode)
+        final = _start(suite, run_dir, log)
+        assert final.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
+        assert ref.wait(timeout=120) == 0, (ref_dir / "log.txt").read_text(errors="replace")[-3000:]
+    finally:
+        for p in (ref,):
+            if p.poll() is None:
+                p.kill()
+    assert kills == [-signal.SIGKILL] * 3, f"the run finished before being killed: {kills}"
+
+    got, want = _final(run_dir / "results"), _final(ref_dir / "results")
+    assert sorted(got) == sorted(want) and len(want) == 6  # 2 teachers + (kd, no-kd) x 2 seeds
+    for run_id, w in want.items():
+        g = got[run_id]
+        for key in COMPARED:
+            assert g.get(key) == w.get(key), f"{run_id}: {key} differs after resume"
+        if not run_id.startswith("teacher"):
+            assert g["teacher"]["metrics"] == w["teacher"]["metrics"]
+            assert g["teacher"]["key"] == w["teacher"]["key"]
+    assert all(r["status"] == "ok" for r in got.values())
+    resumed = [r["extra"].get("resumed_from_step", 0) for r in got.values()]
+    assert any(s > 0 for s in resumed), "no cell resumed from a checkpoint; kills missed training"
+    # pandas sees exactly the cells: leftover temp files (.<name>.tmp<pid>) are never results
+    board = load_results(run_dir / "results")
+    assert sorted(board["run_id"]) == sorted(want)
+    assert not list((run_dir / "cache" / "checkpoints").glob("*.pt"))  # finished cells clean up

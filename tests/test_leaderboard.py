@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kdbench.leaderboard import bootstrap_ci, render_markdown
+from kdbench.results import SCHEMA_VERSION, load_results, write_result
+
+GOLDEN = Path(__file__).with_name("golden") / "leaderboard.md"
+NUM = re.compile(r"[-+]?\d+\.\d+|[-+]?\d+")
+
+
+def fake_result(method, task, seed, value, status="ok", reason="", student="s1"):
+    metric = {"glue/rte": "dev/accuracy", "glue/cola": "dev/matthews_correlation"}[task]
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": f"{method}__{task.replace('/', '-')}__{student}__s{seed}__x",
+        "suite": "golden", "method": method, "task": task, "student": "" if method == "teacher" else student,
+        "teacher_name": "t1", "seed": seed, "status": status, "reason": reason,
+        "metrics": {"best": {metric: value}, "last": {metric: value - 0.01}} if status == "ok" else {},
+        "protocol": {"selection": metric, "best_epoch": 1}, "config": {"teacher": {"name": "t1", "kind": "tiny-bert"},
+                                                                      "student_model": {"kind": "pick-layers"}},
+        "wall_s": 10.0 + seed, "peak_memory_mb": 100.0, "throughput": {"samples_per_s": 50.0 + seed},
+        "extra": {}, "suite_info": {"description": "golden fixture"},
+    }
+
+
+def fixture_results():
+    out = []
+    base = {"kd": 0.60, "metadistil": 0.62, "no-kd": 0.55, "teacher": 0.70}
+    for m, v in base.items():
+        for seed in range(3):
+            out.append(fake_result(m, "glue/rte", seed, v + 0.01 * seed))
+            if m == "metadistil" and seed == 2:
+                out.append(fake_result(m, "glue/cola", seed, 0, status="failed", reason="RuntimeError: boom"))
+            else:
+                out.append(fake_result(m, "glue/cola", seed, v / 2 + 0.02 * seed))
+    return out
+
+
+@pytest.fixture
+def board(tmp_path):
+    for r in fixture_results():
+        write_result(tmp_path / "golden", r)
+    return load_results(tmp_path / "golden")
+
+
+def numbers_match(got: str, want: str, tol: float = 0.051) -> None:
+    assert NUM.sub("#", got) == NUM.sub("#", want), "text differs from golden (beyond numbers)"
+    for a, b in zip(NUM.findall(got), NUM.findall(want), strict=True):
+        assert abs(float(a) - float(b)) <= tol, (a, b)
+
+
+def test_golden_markdown(board):
+    text = render_markdown(board, "golden", {"source": "results/golden", "kdbench_version": "0.1.0",
+                                             "description": "golden fixture"})
+    numbers_match(text, GOLDEN.read_text())
+
+
+def test_content(board):
+    text = render_markdown(board, "golden", {"source": "results/golden"})
+    assert "do not edit" in text.splitlines()[0]
+    assert "61.0 ± 1.0 (3)" in text  # kd on rte: 60, 61, 62
+    assert "failed [1]" not in text and "[1] metadistil on glue/cola: failed (1/3 cells): RuntimeError: boom" in text
+    assert "| teacher" in text and "| no-kd" in text
+    assert "Δ vs kd" in text and "+2.00 *" in text  # metadistil is +2 on every seed: CI excludes 0
+
+
+def test_bootstrap_interval():
+    lo, hi = bootstrap_ci(__import__("numpy").array([1.0, 2.0, 3.0]))
+    assert 1.0 <= lo <= 2.0 <= hi <= 3.0
+    lo, hi = bootstrap_ci(__import__("numpy").array([-1.0, 1.0, 0.0]))
+    assert lo < 0 < hi
+
+
+def test_load_results_frame(board):
+    assert len(board) == 24 and {"best.dev/accuracy", "status", "seed"} <= set(board.columns)

@@ -1,0 +1,374 @@
+"""MetaDistil: meta-gradient correctness (finite differences, both implementations), student
+untouched, gating, state round trip, the SDPA double-backward pitfall. Rules are driven by a
+hand-built StepContext (no runner)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdbench_builtins import metadistil
+from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig
+from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
+from kdbench_builtins.models_text import TinyBert, TinyBertConfig
+from kdbench_builtins.models_vision import VISION_KINDS
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from kdbench.errors import ConfigError, NotApplicable
+from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, QuizStream, StepContext, Task
+
+torch.set_num_threads(1)
+
+
+class Text3(Task):
+    name = "toy/text3"
+    num_labels = 3
+
+
+class TextReg(Task):
+    name = "toy/textreg"
+    num_labels = 1
+
+
+class Vision3(Task):
+    name = "toy/vision3"
+    modality = "vision"
+    num_labels = 3
+
+
+class FixedQuiz(QuizStream):
+    """Cycles through fixed batches."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches, self.i = batches, 0
+
+    def next(self) -> Batch:
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+
+class TinyCNN(KDModel):
+    """conv-BN-SiLU, conv-SiLU, mean pool, linear: smooth, with BatchNorm buffers."""
+
+    modality = "vision"
+
+    def __init__(self, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, inputs: Mapping[str, Tensor], want: frozenset[str] = frozenset()) -> ModelOutput:  # type: ignore[override]
+        h1 = F.silu(self.bn(self.conv1(inputs["pixel_values"])))  # (B, W, 8, 8)
+        h2 = F.silu(self.conv2(h1))  # (B, W, 4, 4)
+        return ModelOutput(self.fc(h2.mean((2, 3))), hidden=(h1, h2) if "hidden" in want else ())
+
+    @property
+    def num_layers(self) -> int:
+        return 2
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fc.in_features
+
+
+def _no_dropout(*models: nn.Module) -> None:
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+
+
+def _text_batch(g: torch.Generator, labels: int = 3, b: int = 4, t: int = 8) -> Batch:
+    ids = torch.randint(1, 1000, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, t - 2:] = 0  # some padding
+    y = torch.randint(0, labels, (b,), generator=g) if labels > 1 else torch.randn(b, generator=g, dtype=torch.float64)
+    return Batch({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}, y, torch.arange(b))
+
+
+def _image_batch(g: torch.Generator, b: int = 4) -> Batch:
+    x = torch.randn(b, 3, 8, 8, generator=g, dtype=torch.float64)
+    return Batch({"pixel_values": x}, torch.randint(0, 3, (b,), generator=g), torch.arange(b))
+
+
+def _bert(layers: int, g: torch.Generator, labels: int = 3, attn: str = "eager") -> KDModel:
+    return TinyBert(TinyBertConfig(layers=layers, hidden=32, heads=2, intermediate=64,
+                                   attn_implementation=attn)).build(labels, g)
+
+
+def _ctx(teacher: KDModel, student: KDModel, task: Task, loss: nn.Module, batch: Batch,
+         quiz: list[Batch], seed: int = 7) -> StepContext:
+    return StepContext(teacher=teacher, student=student, loss=loss, student_opt=torch.optim.AdamW(student.parameters(), lr=1e-3),  # type: ignore[arg-type]
+                       task=task, data=None, quiz=FixedQuiz(quiz), generator=torch.Generator().manual_seed(seed),  # type: ignore[arg-type]
+                       device=torch.device("cpu"), train=None, batch=batch, want=frozenset(loss.needs))  # type: ignore[attr-defined]
+
+
+def _text_setup(loss_name: str = "kd", task_cls: type[Task] = Text3, student_layers: int = 1,
+                dropout: bool = False) -> StepContext:
+    g = torch.Generator().manual_seed(0)
+    task = task_cls(NoConfig())
+    teacher = _bert(2, g, task.num_labels).double()
+    student = _bert(student_layers, g, task.num_labels).double()
+    if not dropout:
+        _no_dropout(teacher, student)
+    if loss_name == "pkd":
+        loss: nn.Module = PatientKD(PKDConfig(temperature=2.0, alpha=0.6, beta=3.0), task=task, teacher=teacher, student=student)
+    else:
+        loss = HintonKD(KDConfig(temperature=2.0, alpha=0.7), task=task, teacher=teacher, student=student)
+    labels = task.num_labels
+    return _ctx(teacher, student, task, loss, _text_batch(g, labels), [_text_batch(g, labels), _text_batch(g, labels)])
+
+
+def _cnn_setup() -> StepContext:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    teacher, student = TinyCNN(6).double(), TinyCNN(4).double()
+    task = Vision3(NoConfig())
+    loss = HintonKD(KDConfig(temperature=3.0, alpha=0.8), task=task, teacher=teacher, student=student)
+    return _ctx(teacher, student, task, loss, _image_batch(g), [_image_batch(g), _image_batch(g)])
+
+
+def _rule(ctx: StepContext, **kw: object) -> MetaDistil:
+    rule = MetaDistil(MetaDistilConfig(**{"pilot_lr": 0.5, "quiz_batches": 2, **kw}))  # type: ignore[arg-type]
+    rule.prepare(ctx)
+    return rule
+
+
+def _meta_grad(ctx: StepContext, **kw: object) -> Tensor:
+    ctx.generator.manual_seed(11)  # same dropout seed for every implementation
+    assert isinstance(ctx.quiz, FixedQuiz)
+    ctx.quiz.i = 0
+    grads, _ = _rule(ctx, **kw).meta_gradient(ctx)
+    return torch.cat([x.reshape(-1) for x in grads])
+
+
+def _quiz_after_pilot(ctx: StepContext, t_params: dict[str, Tensor], lam: float) -> Tensor:
+    """Written out independently: quiz loss after one SGD pilot step, as a function of θ_T."""
+    s_params = {n: p.detach().requires_grad_() for n, p in ctx.student.named_parameters()}
+    bufs = {n: b.clone() for n, b in ctx.student.named_buffers()}
+    t_bufs = dict(ctx.teacher.named_buffers())
+    ctx.student.train()
+    ctx.teacher.eval()
+    s = functional_call(ctx.student, (s_params, bufs), (ctx.batch.inputs,), {"want": ctx.want})  # type: ignore[union-attr]
+    with torch.no_grad():
+        t = functional_call(ctx.teacher, (t_params, t_bufs), (ctx.batch.inputs,), {"want": ctx.want})  # type: ignore[union-attr]
+    pilot = sum(ctx.loss(s, t, ctx.batch).values())
+    grads = torch.autograd.grad(pilot, list(s_params.values()), allow_unused=True)
+    fast = {n: p if g is None else p - lam * g for (n, p), g in zip(s_params.items(), grads)}
+    ctx.student.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    for q in ctx.quiz.batches:  # type: ignore[union-attr]
+        logits = functional_call(ctx.student, (fast, bufs), (q.inputs,)).logits
+        total = total + (F.mse_loss(logits.squeeze(-1), q.labels) if ctx.task.is_regression
+                         else F.cross_entropy(logits, q.labels))
+    return (total / len(ctx.quiz.batches)).detach()  # type: ignore[union-attr]
+
+
+def _check_against_finite_differences(ctx: StepContext, g: Tensor, lam: float = 0.5, eps: float = 1e-5) -> None:
+    names = [n for n, _ in ctx.teacher.named_parameters()]
+    base = [p.detach() for _, p in ctx.teacher.named_parameters()]
+    gen = torch.Generator().manual_seed(123)
+    dirs = [g / g.norm()] + [torch.randn(g.numel(), generator=gen, dtype=torch.float64) for _ in range(3)]
+    for d in dirs:
+        d = d / d.norm()
+        chunks = torch.split(d, [p.numel() for p in base])
+        shifted = [{n: p + s * eps * c.view_as(p) for n, p, c in zip(names, base, chunks)} for s in (1, -1)]
+        fd = (_quiz_after_pilot(ctx, shifted[0], lam) - _quiz_after_pilot(ctx, shifted[1], lam)) / (2 * eps)
+        exact = (g @ d).item()
+        assert abs(fd.item() - exact) <= 1e-4 * abs(exact), (fd.item(), exact)
+
+
+@pytest.mark.parametrize("setup", ["bert-kd", "bert-pkd", "bert-regression", "cnn"])
+def test_meta_gradient_matches_finite_differences(setup: str) -> None:
+    ctx = {"bert-kd": lambda: _text_setup("kd"), "bert-pkd": lambda: _text_setup("pkd", student_layers=2),
+           "bert-regression": lambda: _text_setup("kd", TextReg), "cnn": _cnn_setup}[setup]()
+    g2 = _meta_grad(ctx, meta_grad="second_order")
+    g1 = _meta_grad(ctx, meta_grad="first_order_exact", jvp="forward")
+    gfd = _meta_grad(ctx, meta_grad="first_order_exact", jvp="finite_difference", fd_eps=1e-4)
+    assert g2.norm() > 0
+    assert ((g1 - g2).norm() / g2.norm()).item() < 1e-8
+    assert ((gfd - g2).norm() / g2.norm()).item() < 1e-4
+    _check_against_finite_differences(ctx, g2)
+    _check_against_finite_differences(ctx, g1)
+
+
+def test_meta_gradient_resnet8_both_implementations_agree() -> None:
+    kind = VISION_KINDS["resnet8"]
+    g = torch.Generator().manual_seed(0)
+    teacher = kind(NoConfig()).build(3, g).double()
+    student = kind(NoConfig()).build(3, g).double()
+    task = Vision3(NoConfig())
+    loss = HintonKD(KDConfig(temperature=4.0, alpha=0.9), task=task, teacher=teacher, student=student)
+
+    def img() -> Batch:
+        return Batch({"pixel_values": torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)},
+                     torch.randint(0, 3, (4,), generator=g), torch.arange(4))
+
+    ctx = _ctx(teacher, student, task, loss, img(), [img()])
+    g2 = _meta_grad(ctx, meta_grad="second_order", quiz_batches=1)
+    g1 = _meta_grad(ctx, meta_grad="first_order_exact", quiz_batches=1)
+    assert g2.norm() > 0 and ((g1 - g2).norm() / g2.norm()).item() < 1e-8
+    _check_against_finite_differences(ctx, g2)
+
+
+def test_implementations_agree_with_dropout_and_keep_global_rng() -> None:
+    ctx = _text_setup("kd", dropout=True)
+    state = torch.get_rng_state()
+    g2 = _meta_grad(ctx, meta_grad="second_order")
+    g1 = _meta_grad(ctx, meta_grad="first_order_exact")
+    assert ((g1 - g2).norm() / g2.norm()).item() < 1e-8  # same seeded dropout masks in every pass
+    assert torch.equal(state, torch.get_rng_state())
+    ctx.generator.manual_seed(12)
+    other, _ = _rule(ctx, meta_grad="second_order").meta_gradient(ctx)
+    assert not torch.allclose(torch.cat([x.reshape(-1) for x in other]), g2)  # masks follow the rule's generator
+
+
+def test_second_order_needs_math_sdpa_and_is_routed_to_it() -> None:
+    g = torch.Generator().manual_seed(0)
+    task = Text3(NoConfig())
+    teacher, student = _bert(2, g, attn="sdpa"), _bert(1, g, attn="sdpa")
+    _no_dropout(teacher, student)  # dropout_p = 0 lets CPU pick the flash kernel
+    loss = HintonKD(KDConfig(temperature=2.0, alpha=0.7), task=task, teacher=teacher, student=student)
+    ctx = _ctx(teacher, student, task, loss, _text_batch(g), [_text_batch(g)])
+    student.train()
+    params = dict(student.named_parameters())
+    out = functional_call(student, params, (ctx.batch.inputs,))  # type: ignore[union-attr]
+    first = torch.autograd.grad(out.logits.pow(2).sum(), list(params.values()), create_graph=True, allow_unused=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # the pitfall of performance.md §3.3
+        torch.autograd.grad(sum(x.sum() for x in first if x is not None), list(params.values()), allow_unused=True)
+    g2 = _meta_grad(ctx, meta_grad="second_order", quiz_batches=1)
+    g1 = _meta_grad(ctx, meta_grad="first_order_exact", quiz_batches=1)
+    assert torch.isfinite(g2).all() and g2.norm() > 0
+    assert ((g1 - g2).norm() / g2.norm()).item() < 1e-4  # float32
+    # finite differences need no special kernel: the pilot keeps the default (flash) SDPA
+    gfd = _meta_grad(ctx, meta_grad="first_order_exact", jvp="finite_difference", quiz_batches=1)
+    assert ((gfd - g2).norm() / g2.norm()).item() < 1e-2
+
+
+def _snapshot(ctx: StepContext) -> tuple[dict[str, Tensor], dict[str, Tensor], dict, list]:
+    s = {n: p.detach().clone() for n, p in ctx.student.named_parameters()}
+    b = {n: x.clone() for n, x in ctx.student.named_buffers()}
+    grads = [None if p.grad is None else p.grad.clone() for p in ctx.student.parameters()]
+    return s, b, copy.deepcopy(ctx.student_opt.state_dict()), grads
+
+
+@pytest.mark.parametrize("meta_grad", ["second_order", "first_order_exact"])
+@pytest.mark.parametrize("setup", ["bert", "cnn"])
+def test_step_leaves_student_untouched_and_moves_teacher(meta_grad: str, setup: str) -> None:
+    ctx = _text_setup("kd", dropout=True) if setup == "bert" else _cnn_setup()
+    # a real student step first, so the optimizer has state and the params have grads
+    ctx.student.train()
+    with torch.no_grad():
+        t = ctx.teacher(ctx.batch.inputs)  # type: ignore[union-attr]
+    sum(ctx.loss(ctx.student(ctx.batch.inputs), t, ctx.batch).values()).backward()  # type: ignore[union-attr]
+    ctx.student_opt.step()
+    before = _snapshot(ctx)
+    teacher0 = copy.deepcopy(ctx.teacher.state_dict())
+    rule = _rule(ctx, meta_grad=meta_grad, teacher_lr=1e-2)
+    metrics = rule.step(ctx)
+    after = _snapshot(ctx)
+    for x, y in zip(before[:2], after[:2]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert str(before[2]) == str(after[2])
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(before[3], after[3]))
+    assert ctx.student.training  # mode restored
+    assert any(not torch.equal(teacher0[k], v) for k, v in ctx.teacher.state_dict().items())
+    assert {"teacher/grad_norm", "teacher/lr", "teacher/quiz_loss"} <= set(metrics)
+    assert all(p.grad is None for p in ctx.teacher.parameters())
+
+
+def test_gating_every_and_start_epoch() -> None:
+    ctx = _text_setup("kd")
+    rule = _rule(ctx, every=3, start_epoch=1, teacher_lr=1e-2)
+    teacher0 = copy.deepcopy(ctx.teacher.state_dict())
+    for epoch, step in [(0, 0), (0, 3), (1, 4)]:
+        ctx.epoch, ctx.step = epoch, step
+        assert rule.step(ctx) == {}
+    assert all(torch.equal(teacher0[k], v) for k, v in ctx.teacher.state_dict().items())
+    ctx.epoch, ctx.step = 1, 6
+    assert "teacher/grad_norm" in rule.step(ctx) and rule.updates == 1
+
+
+def test_teacher_lr_schedules() -> None:
+    ctx = _text_setup("kd")
+    ctx.total_steps = 100
+    rule = _rule(ctx, teacher_lr=1.0, teacher_warmup=0.1)
+    got = []
+    for step in (0, 5, 10, 55, 100):
+        ctx.step = step
+        got.append(rule.teacher_lr(ctx))
+    assert got == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    follow = _rule(ctx, teacher_lr=1.0, teacher_schedule="student", pilot_lr=0.1, pilot_lr_schedule="student")
+    follow.student_lr_start = 1e-3
+    for group in ctx.student_opt.param_groups:
+        group["lr"] = 1e-4  # the student schedule decayed by 10
+    assert follow.teacher_lr(ctx) == pytest.approx(0.1) and follow.pilot_lr(ctx) == pytest.approx(0.01)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    ctx = _text_setup("kd", dropout=True)
+    rule = _rule(ctx, teacher_lr=1e-2)
+    for step in range(2):
+        ctx.step = step
+        rule.step(ctx)
+    state = copy.deepcopy(rule.state_dict())
+    teacher_state = copy.deepcopy(ctx.teacher.state_dict())
+    gen_state = ctx.generator.get_state()
+    ctx.step = 2
+    rule.step(ctx)
+    expected = copy.deepcopy(ctx.teacher.state_dict())
+    # resume: a fresh rule restored before (pending) or after prepare gives the same teacher
+    for order in ("before", "after"):
+        ctx.teacher.load_state_dict(teacher_state)
+        ctx.generator.set_state(gen_state)
+        fresh = MetaDistil(MetaDistilConfig(pilot_lr=0.5, quiz_batches=2, teacher_lr=1e-2))
+        if order == "before":
+            fresh.load_state_dict(copy.deepcopy(state))
+            fresh.prepare(ctx)
+        else:
+            fresh.prepare(ctx)
+            fresh.load_state_dict(copy.deepcopy(state))
+        assert fresh.updates == 2
+        assert str(fresh.state_dict()["opt"]) == str(state["opt"])
+        ctx.quiz.i = 4  # type: ignore[union-attr]
+        fresh.step(ctx)
+        got = ctx.teacher.state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), order
+
+
+def test_not_applicable_and_config_errors() -> None:
+    ctx = _text_setup("kd")
+    ctx.loss = CrossEntropy(NoConfig(), task=ctx.task, teacher=None, student=ctx.student)
+    with pytest.raises(NotApplicable, match="uses the teacher"):
+        MetaDistil(MetaDistilConfig()).prepare(ctx)
+    ctx = _text_setup("kd")
+    ctx.quiz = None
+    with pytest.raises(ConfigError, match="quiz"):
+        MetaDistil(MetaDistilConfig()).prepare(ctx)
+    with pytest.raises(ConfigError, match="meta_grad"):
+        MetaDistil(MetaDistilConfig(meta_grad="third_order"))
+    with pytest.raises(ConfigError, match="every"):
+        MetaDistil(MetaDistilConfig(every=0))
+    assert MetaDistil.needs_quiz and MetaDistil.changes_teacher
+
+
+def test_registration() -> None:
+    rules: list[type] = []
+    methods: list = []
+    metadistil.kdbench_register_teacher_updates(register=rules.append)
+    metadistil.kdbench_register_methods(register=methods.append)
+    assert [r.name for r in rules] == ["metadistil"]
+    by_name = {m.name: m for m in methods}
+    assert by_name["metadistil"].loss == "kd" and by_name["metadistil"].teacher_update == "metadistil"
+    assert "ACL 2022" in by_name["metadistil"].paper
+    assert by_name["metadistil-pkd"].loss == "pkd"
+    KDConfig(**by_name["metadistil"].defaults["loss"])  # defaults are valid loss options
+    PKDConfig(**by_name["metadistil-pkd"].defaults["loss"])
+    MetaDistilConfig(**by_name["metadistil"].defaults.get("teacher_update", {}))
