@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = tuple(p for p in args.plugins if not p.startswith("no:"))
     blocked = tuple(p[3:] for p in args.plugins if p.startswith("no:"))
     mctx = MatrixContext(results_dir, cache_dir, HostArgs(extra, blocked), args.device,
-                         {"description": suite.description, "budget": suite.budget, "path": suite.path})
+                         {"description": suite.description, "budget": suite.budget, "path": suite.path,
+                          "reference": suite.reference})
     todo = pending(cells, results_dir, args.retry_failed)
     print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
           f"{len(todo)} to run -> {results_dir}", file=sys.stderr)
@@ -110,7 +111,8 @@ def render(host: Host, results_dir: Path, suite: str) -> str:
     first = board.iloc[0]["result"]
     info = first.get("suite_info", {})
     meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
-            "description": info.get("description", ""), "budget": info.get("budget", "")}
+            "description": info.get("description", ""), "budget": info.get("budget", ""),
+            "reference": info.get("reference", [])}
     return host.render_leaderboard(board, suite, meta)
 
 
@@ -168,14 +170,16 @@ def _component_rows(host: Host, kind: str) -> list[dict[str, Any]]:
 
 
 def _param_count(kind_cls: Any) -> str:
-    """Parameter count of a model kind's default configuration, when buildable offline."""
-    fn = getattr(kind_cls, "param_count", None)
-    if callable(fn):
-        try:
-            return f"{fn() / 1e6:.2f}M"
-        except Exception:  # noqa: BLE001 - listing must not fail on one entry
-            return "-"
-    return "per checkpoint"
+    """Parameter count of a model kind's default configuration (CIFAR-100 head for vision,
+    2 labels for text), when it builds offline; "per checkpoint" otherwise."""
+    import torch
+
+    try:
+        cfg = kind_cls.Config() if dataclasses.is_dataclass(kind_cls.Config) else None
+        model = kind_cls(cfg).build(100 if kind_cls.modality == "vision" else 2, torch.Generator().manual_seed(0))
+    except Exception:  # noqa: BLE001 - e.g. "hf" needs a checkpoint name
+        return "per checkpoint"
+    return f"{model.num_parameters() / 1e6:.3f}M"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -76,6 +76,8 @@ class Suite:
     baselines: bool = True
     description: str = ""
     budget: str = ""
+    #: published numbers shown as reference rows: [{row, source, verified, values{"task metric": x}}]
+    reference: list[dict[str, Any]] = field(default_factory=list)
     teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
     student_defs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -85,7 +87,7 @@ class Suite:
 
 
 SUITE_KEYS = {"name", "methods", "tasks", "students", "seeds", "baselines", "description",
-              "budget"}
+              "budget", "reference"}
 TOP_KEYS = {"suite", "teachers", "students", "train", "teacher_train", "loss", "teacher_update",
             "task", "method"}
 
@@ -161,7 +163,7 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
         students=_str_list(s.get("students", list(merged.get("students", {}))), "suite.students", problems),
         seeds=[int(x) for x in s.get("seeds", [0])],
         baselines=bool(s.get("baselines", True)), description=str(s.get("description", "")),
-        budget=str(s.get("budget", "")),
+        budget=str(s.get("budget", "")), reference=list(s.get("reference", [])),
         teachers=dict(merged.get("teachers", {})), student_defs=dict(merged.get("students", {})),
     )
     if problems:

@@ -96,14 +96,12 @@ class TensorSplit:
                 lens = self._lengths[order_cpu[lo:hi]] if order_cpu is not None else self._lengths[lo:hi]
                 width = max(int(lens.max()), 1)
 
-            def take(t: Tensor, trim: bool = False) -> Tensor:
-                t = t[:, :width] if trim and width is not None else t
-                return t[lo:hi] if sel is None else t.index_select(0, sel)
-
-            inputs = {k: take(self.tensors[k], k in TEXT_KEYS) for k in self.input_keys}
+            inputs = {k: _take(self.tensors[k], lo, hi, sel, width if k in TEXT_KEYS else None)
+                      for k in self.input_keys}
             dom = self.tensors.get("domain")
-            yield Batch(inputs, take(self.tensors["labels"]), take(self.tensors["index"]),
-                        take(dom) if dom is not None else None)
+            yield Batch(inputs, _take(self.tensors["labels"], lo, hi, sel),
+                        _take(self.tensors["index"], lo, hi, sel),
+                        _take(dom, lo, hi, sel) if dom is not None else None)
 
     def subset(self, idx: Tensor, name: str) -> TensorSplit:
         """Rows ``idx`` as a new split; ``index`` becomes arange and padding is re-trimmed."""
@@ -120,6 +118,12 @@ class TensorSplit:
     def labels_known(self) -> bool:
         """True when every example has a label (GLUE test splits have none)."""
         return bool((self.tensors["labels"] != -1).all())
+
+
+def _take(t: Tensor, lo: int, hi: int, sel: Tensor | None, width: int | None = None) -> Tensor:
+    """Rows lo:hi (or rows ``sel``) of ``t``, columns trimmed to ``width`` when given."""
+    t = t[:, :width] if width is not None else t
+    return t[lo:hi] if sel is None else t.index_select(0, sel)
 
 
 @dataclass

@@ -167,7 +167,24 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
                               f"bootstrap 95 % CI over seeds, {BOOTSTRAP_SAMPLES} resamples; * = the "
                               "interval excludes 0):", "",
                               paired.to_markdown(index=False, disable_numparse=True), ""]
+    lines += reference_section(meta.get("reference") or [])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def reference_section(refs: list[Mapping[str, Any]]) -> list[str]:
+    """Published numbers, each row marked with its source and whether it was verified."""
+    if not refs:
+        return []
+    cols = sorted({k for r in refs for k in r.get("values", {})})
+    rows = [{"Reference row": f"{r.get('row', '?')} [{chr(97 + i)}]",
+             **{c: f"{r['values'][c]:.2f}" if c in r.get("values", {}) else "" for c in cols}}
+            for i, r in enumerate(refs)]
+    out = ["## Reference numbers (published; not produced by kdbench)", "",
+           pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    for i, r in enumerate(refs):
+        state = "verified from the source" if r.get("verified") else "UNVERIFIED: see the source"
+        out.append(f"[{chr(97 + i)}] {r.get('source', '?')} ({state})")
+    return [*out, ""]
 
 
 @hookimpl(trylast=True)

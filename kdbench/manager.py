@@ -88,7 +88,7 @@ def _import_plugin(spec: str) -> ModuleType:
 
 def _hook_suggestion(exc: pluggy.PluginValidationError, pm: pluggy.PluginManager) -> str:
     text = str(exc)
-    known = [n for n in dir(pm.hook) if n.startswith("kdbench_")]
+    known = [n for n in dir(hookspecs) if n.startswith("kdbench_")]
     name = pm.get_name(exc.plugin) or "?"
     found = re.search(r"unknown hook '([^']+)'", text)
     if found:

@@ -101,23 +101,10 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
         result["throughput"] = teacher_record.get("throughput", {})
         return result
 
-    teacher.to(device)
-    student_kind = host.students.get(spec.student_kind)(spec.student_cfg)
-    student = student_kind.build(teacher_kind, task.num_labels, init_gen).to(device)
-    loss_cls = host.losses.get(spec.loss)
-    loss = loss_cls(spec.loss_cfg, task=task, teacher=teacher, student=student).to(device)
-    rule = host.teacher_updates.get(spec.teacher_update)(spec.teacher_update_cfg)
-    data = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
-    cache_ok = (not rule.changes_teacher and not task.augments and loss.uses_teacher
-                and not (loss.needs & {"hidden", "attentions"}))
     seeds = seed_global(spec.seed)
-    stash: dict[str, Any] = {"pretrained_teacher": lambda: teacher_kind.build(
-        task.num_labels, generator(seed_for(spec.seed, "init"))).to(device)}
-    ckpt = save_path(ctx.cache_dir, spec.run_id)
-    loop = Loop(task, data, student, teacher, loss, rule, spec.train, spec.seed, device, log,
-                checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash)
-    resumed = load_checkpoint(loop, ckpt)
-    try:
+    try:  # a component may find the cell not applicable (shapes, widths, domains)
+        loop, resumed, cache_ok, student, rule = _build_loop(spec, ctx, task, teacher_kind, teacher,
+                                                             init_gen, data, device, log)
         state = loop.run()
     except NotApplicable as exc:
         result.update(status="n-a", reason=str(exc))
@@ -130,8 +117,30 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     result["seeds"] = seeds
     result["throughput"] = throughput(state, student, teacher, data, rule, cache_ok, device)
     result["peak_memory_mb"] = peak_memory_mb(device)
-    ckpt.unlink(missing_ok=True)
+    save_path(ctx.cache_dir, spec.run_id).unlink(missing_ok=True)
     return result
+
+
+def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, teacher: Any,
+                init_gen: torch.Generator, data: Any, device: torch.device, log: Any) -> tuple[Any, ...]:
+    """Student, loss, rule and the Loop for a method cell (restored from its checkpoint if any)."""
+    host = ctx.host
+    teacher.to(device)
+    student_kind = host.students.get(spec.student_kind)(spec.student_cfg)
+    student = student_kind.build(teacher_kind, task.num_labels, init_gen).to(device)
+    loss_cls = host.losses.get(spec.loss)
+    loss = loss_cls(spec.loss_cfg, task=task, teacher=teacher, student=student).to(device)
+    rule = host.teacher_updates.get(spec.teacher_update)(spec.teacher_update_cfg)
+    data = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
+    cache_ok = (not rule.changes_teacher and not task.augments and loss.uses_teacher
+                and not (loss.needs & {"hidden", "attentions"}))
+    stash: dict[str, Any] = {"pretrained_teacher": lambda: teacher_kind.build(
+        task.num_labels, generator(seed_for(spec.seed, "init"))).to(device)}
+    ckpt = save_path(ctx.cache_dir, spec.run_id)
+    loop = Loop(task, data, student, teacher, loss, rule, spec.train, spec.seed, device, log,
+                checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash)
+    resumed = load_checkpoint(loop, ckpt)
+    return loop, resumed, cache_ok, student, rule
 
 
 def _fill_metrics(result: dict[str, Any], loop: Loop, state: LoopState) -> None:

@@ -11,12 +11,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from kdbench_builtins.tasks_toy import Digits, Reviews, ReviewsConfig
 
 import kdbench.data as kd
 from kdbench.data import TensorSplit, prepare_data, stratified_choice
 from kdbench.errors import DataError
 from kdbench.types import Task
-from kdbench_builtins.tasks_toy import Digits, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -31,8 +31,8 @@ def tok() -> Any:
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoTokenizer
 
-    snap = next((HF / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots").iterdir())
-    return AutoTokenizer.from_pretrained(str(snap))
+    return AutoTokenizer.from_pretrained("sentence-transformers/all-MiniLM-L6-v2",
+                                         cache_dir=str(HF / "hub"), local_files_only=True)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kdbench.cli import main
+from kdbench.config import load_suite
 from kdbench.errors import ExitCode
+from kdbench.executors import LocalExecutor, MatrixContext, pending
+from kdbench.hookspecs import hookimpl
+from kdbench.manager import Host
+from kdbench.plan import expand
 from kdbench.results import load_results, read_result
+from kdbench.testing import tiny_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,6 +252,53 @@ def test_failed_cell_is_skipped_unless_retry_failed(tmp_path: Path, plugin: Path
             assert (results / name).read_bytes() == data
 
 
+# -- every teacher-update rule resumes exactly -------------------------------------------------
+
+
+class Interrupt(BaseException):
+    """Stands for a kill: not an Exception, so no failure isolation catches it."""
+
+
+class InterruptAt:
+    """Plugin object: interrupt the first method cell whose training log reaches ``step``."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    @hookimpl
+    def kdbench_log_metrics(self, spec: Any, step: int, metrics: Any) -> None:
+        if self.step is not None and not spec.is_teacher and step >= self.step \
+                and any(k.startswith("loss/") for k in metrics):
+            self.step = None
+            raise Interrupt
+
+
+@pytest.mark.parametrize("method", ["kd", "metadistil", "reptile-distil", "meta-kd"])
+def test_interrupted_cell_resumes_bit_identically(method: str, tmp_path: Path, shared_cache: Path,
+                                                  make_host: Callable[..., Host]) -> None:
+    interrupt = InterruptAt()
+    host = make_host(interrupt)
+    # 5 steps per epoch, 2 epochs; checkpoints at steps 3, 5 (epoch end), 6, 9; interrupted at 8
+    suite = load_suite(str(tiny_suite(tmp_path / "s.toml", method, steps=0)), [
+        "train.epochs=2", "train.max_steps=0", "train.log_every=2", "train.checkpoint_every=3",
+        "teacher_train.max_steps=6", "task.toy/reviews.per_domain=200",
+        "task.toy/reviews.max_train_examples=96", "task.toy/reviews.quiz_fraction=0.2"])
+    cells = expand(suite, host)
+    ref = list(LocalExecutor(None).map(cells, MatrixContext(tmp_path / "ref", shared_cache), host))
+    mctx = MatrixContext(tmp_path / "res", shared_cache)
+    interrupt.step = 7
+    with pytest.raises(Interrupt):
+        list(LocalExecutor(None).map(pending(cells, mctx.results_dir, False), mctx, host))
+    assert interrupt.step is None
+    out = list(LocalExecutor(None).map(pending(cells, mctx.results_dir, False), mctx, host))
+    want = next(r for r in ref if r["method"] == method)
+    got = next(r for r in out if r["method"] == method)
+    assert want["status"] == "ok", want["reason"]
+    assert got["extra"]["resumed_from_step"] == 6  # mid-epoch: epoch 1, batch 1
+    for key in ("status", "metrics", "history", "protocol"):
+        assert got[key] == want[key], f"{method}: {key} differs after resume"
+
+
 # -- kill -9 and resume -------------------------------------------------------------------------
 
 COMPARED = ("status", "metrics", "protocol", "history", "seeds", "method", "task", "seed", "config")
@@ -300,7 +354,7 @@ def _final(results_dir: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    suite = write_suite(tmp_path / "suite.toml", ["kd"], [0, 1], baselines=True, epochs=3)
+    suite = write_suite(tmp_path / "suite.toml", ["kd"], [0, 1], baselines=True, epochs=4)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir()
     run_dir.mkdir()
@@ -308,26 +362,30 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path: Path) ->
     rng = random.Random(20240611)
     log = run_dir / "log.txt"
     kills = []
+    procs = [ref]
     try:
         for attempt in range(3):
             t0 = time.time()
             proc = _start(suite, run_dir, log)
+            procs.append(proc)
             if attempt == 0:  # somewhere in planning, data preparation or teacher fine-tuning
                 ready = lambda: "to run ->" in log.read_text(errors="replace")  # noqa: E731
             else:  # a moment after a method cell wrote a checkpoint: mid-epoch or at an epoch end
                 ready = _fresh_checkpoint(run_dir / "cache" / "checkpoints", t0)
             if _wait_for(proc, ready):
-                time.sleep(rng.uniform(0.0, 1.0) if attempt == 0 else rng.uniform(0.0, 0.25))
+                time.sleep(rng.uniform(0.0, 1.0) if attempt == 0 else rng.uniform(0.0, 0.12))
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
             kills.append(proc.returncode)
         final = _start(suite, run_dir, log)
+        procs.append(final)
         assert final.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
         assert ref.wait(timeout=120) == 0, (ref_dir / "log.txt").read_text(errors="replace")[-3000:]
     finally:
-        for p in (ref,):
+        for p in procs:  # only the processes this test started
             if p.poll() is None:
                 p.kill()
+                p.wait()
     assert kills == [-signal.SIGKILL] * 3, f"the run finished before being killed: {kills}"
 
     got, want = _final(run_dir / "results"), _final(ref_dir / "results")

@@ -39,7 +39,7 @@ def module_path(name: str) -> Path:
     return _HERE / METRICS[name][0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str) -> Any:
     """The loaded ``evaluate`` module for metric ``name`` (memoized per process)."""
     import evaluate

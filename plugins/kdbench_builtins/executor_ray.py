@@ -168,6 +168,10 @@ class RayExecutor(Executor):
         started = self._init(ray, mctx)
         try:
             cfg = self.cfg
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if gpus and not cfg.num_gpus:
+                print(f"kdbench: ray: the cluster has {gpus:g} GPU(s) but num_gpus=0, so cells run on "
+                      "CPU; pass --executor-opt num_gpus=1 to give each cell a GPU", file=sys.stderr)
             remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                 max_retries=cfg.max_retries, retry_exceptions=False)(_cell_remote)
             mref = ray.put(mctx)
@@ -195,7 +199,7 @@ class RayExecutor(Executor):
                     spec, t0 = running.pop(ref)
                     try:
                         result = ray.get(ref)
-                    except Exception as exc:  # noqa: BLE001 - worker died past its retries, or Ray failed
+                    except Exception as exc:  # the worker died past its retries, or Ray itself failed
                         result = self._lost(spec, exc, mctx, host, time.perf_counter() - t0)
                     else:
                         if not result_path(mctx.results_dir, result["run_id"]).exists():

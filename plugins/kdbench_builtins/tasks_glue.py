@@ -379,7 +379,8 @@ def write_glue_submission(task: GlueTask | type[GlueTask], predictions: Any, out
         preds_by = {"test": predictions}
     written = []
     for split, stem in names.items():
-        p = np.asarray(preds_by[split].detach().cpu() if hasattr(preds_by[split], "detach") else preds_by[split]).reshape(-1)
+        raw = preds_by[split]
+        p = np.asarray(raw.detach().cpu() if hasattr(raw, "detach") else raw).reshape(-1)  # (N,)
         if task.num_labels == 1:
             cells = [f"{v:.3f}" for v in np.clip(p.astype(np.float64), 0.0, 5.0)]
         else:

@@ -65,7 +65,8 @@ class Digits(Task):
         rows = {"train": np.sort(perm[n_dev:]), "dev": np.sort(perm[:n_dev])}
         self.load_info = {"source": "sklearn", "files": {s: {"file": "sklearn.datasets.load_digits",
                                                              "rows": len(r)} for s, r in rows.items()}}
-        return {s: images_dataset(img[r], d.target[r].astype(np.int64)) for s, r in rows.items()}
+        return {s: images_dataset(img[r], d.target[r].astype(np.int64))
+                for s, r in rows.items()}
 
     def transform(self, inputs: dict[str, Tensor], *, train: bool,
                   generator: torch.Generator | None) -> dict[str, Tensor]:
@@ -84,7 +85,8 @@ _NOUNS = {
     "kitchen": ["pan", "knife", "blender", "kettle", "pot", "mixer", "toaster"],
     "electronics": ["phone", "camera", "charger", "speaker", "laptop", "screen", "battery"],
 }
-_SHARED = {1: ["great", "good", "excellent", "wonderful", "nice"], 0: ["bad", "poor", "awful", "terrible", "disappointing"]}
+_SHARED = {1: ["great", "good", "excellent", "wonderful", "nice"],
+           0: ["bad", "poor", "awful", "terrible", "disappointing"]}
 _OWN = {
     "books": {1: ["gripping", "moving", "witty"], 0: ["boring", "dull", "predictable"]},
     "kitchen": {1: ["sturdy", "sharp", "durable"], 0: ["flimsy", "rusty", "leaky"]},

@@ -1,0 +1,123 @@
+"""The "ray" executor: same cells and bit-identical metrics as the local executor on CPU; teacher
+cells run first; a worker that dies is retried, and recorded as failed past ``max_retries``."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kdbench.config import load_suite
+from kdbench.executors import HostArgs, LocalExecutor, MatrixContext
+from kdbench.manager import Host, make_plugin_manager
+from kdbench.plan import expand
+from kdbench.results import load_results, read_result, result_path
+from kdbench.testing import tiny_suite
+
+try:
+    import ray
+except ImportError as exc:  # ray is in the test extra; a bare install skips with the reason
+    pytest.skip(f"ray is not installed ({exc}); pip install 'kdbench[ray]'", allow_module_level=True)
+
+from kdbench_builtins.executor_ray import RayConfig, RayExecutor
+
+pytestmark = pytest.mark.slow
+
+COMPARED = ("status", "metrics", "protocol", "history", "seeds", "config", "method", "seed")
+
+CRASH_PLUGIN = textwrap.dedent('''\
+    """Test plugin: kill the worker process running a cell (as a segfault or node loss would)."""
+
+    from __future__ import annotations
+
+    import os
+    import signal
+    from pathlib import Path
+
+    from kdbench.hookspecs import hookimpl
+
+
+    @hookimpl(tryfirst=True)
+    def kdbench_run_cell(spec, ctx):
+        """no-kd cells die on their first attempt only; kd cells die on every attempt."""
+        if spec.is_teacher:
+            return None
+        marker = Path(os.environ["KDBENCH_TEST_CRASH_DIR"]) / spec.run_id
+        if spec.method == "kd" or not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+    ''')
+
+
+def _cells(tmp: Path, host: Host, seeds: str) -> list[Any]:
+    suite = load_suite(str(tiny_suite(tmp / "tiny.toml", "kd", steps=12)),
+                       [f"suite.seeds={seeds}", "suite.baselines=true", "train.epochs=2",
+                        "train.max_steps=0", "task.toy/reviews.per_domain=200",
+                        "task.toy/reviews.max_train_examples=96"])
+    return expand(suite, host)
+
+
+def test_ray_matches_local_executor(tmp_path: Path, make_host: Callable[..., Host]) -> None:
+    host = make_host()
+    cells = _cells(tmp_path, host, "[0, 1]")
+    assert len(cells) == 6  # 2 teachers + (kd, no-kd) x 2 seeds
+    local = list(LocalExecutor(None).map(cells, MatrixContext(tmp_path / "local", tmp_path / "lc"), host))
+
+    started: list[str] = []
+    executor = RayExecutor(RayConfig(num_cpus=1, local_cpus=2, object_store_mb=100))
+    remote = list(executor.map(cells, MatrixContext(tmp_path / "ray", tmp_path / "rc"), host,
+                               on_start=lambda s: started.append(s.run_id)))
+    assert not ray.is_initialized()  # the instance it started is shut down
+
+    assert sorted(started) == sorted(c.run_id for c in cells)
+    order = [r["method"] for r in remote]
+    assert order[:2] == ["teacher", "teacher"]  # the teacher wave finishes before method cells
+    assert sorted(r["run_id"] for r in remote) == sorted(r["run_id"] for r in local)
+    by_id = {r["run_id"]: r for r in local}
+    for r in remote:
+        want = by_id[r["run_id"]]
+        for key in COMPARED:
+            assert r.get(key) == want.get(key), f"{r['run_id']}: {key} differs between ray and local"
+        assert r["status"] == "ok", r["reason"]
+        # the worker wrote the same result file the driver got back
+        assert read_result(result_path(tmp_path / "ray", r["run_id"]))["metrics"] == r["metrics"]
+    method_rows = [r for r in remote if r["method"] != "teacher"]
+    assert all(r["teacher"]["cached"] for r in method_rows)  # method cells reuse the teacher wave's
+    assert len(load_results(tmp_path / "ray")) == 6
+
+
+def test_dead_worker_is_retried_then_recorded_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = tmp_path / "crash.py"
+    plugin.write_text(CRASH_PLUGIN)
+    (tmp_path / "markers").mkdir()
+    monkeypatch.setenv("KDBENCH_TEST_CRASH_DIR", str(tmp_path / "markers"))  # forwarded to workers
+    host = Host(make_plugin_manager(autoload=False, extra=[str(plugin)]))
+    cells = _cells(tmp_path, host, "[0]")
+    mctx = MatrixContext(tmp_path / "res", tmp_path / "cache", HostArgs(extra=(str(plugin),), autoload=False))
+    # ship_code: workers import kdbench and kdbench_builtins from the uploaded copies
+    executor = RayExecutor(RayConfig(num_cpus=1, local_cpus=2, max_retries=1, object_store_mb=100,
+                                     ship_code=True))
+    results = {r["method"]: r for r in executor.map(cells, mctx, host)}
+    assert results["teacher"]["status"] == "ok"
+    assert results["no-kd"]["status"] == "ok", results["no-kd"]["reason"]  # died once, retried
+    assert results["no-kd"]["protocol"]["epochs_run"] == 2
+    kd = results["kd"]
+    assert kd["status"] == "failed" and kd["extra"]["error_kind"] == "worker_died"
+    assert kd["extra"]["max_retries"] == 1
+    # the driver recorded the lost cell, so a plain rerun skips it and --retry-failed reruns it
+    assert read_result(result_path(tmp_path / "res", kd["run_id"]))["status"] == "failed"
+
+
+def test_bad_options_are_config_errors(tmp_path: Path, make_host: Callable[..., Host]) -> None:
+    from kdbench.errors import ConfigError
+
+    host = make_host()
+    cells = _cells(tmp_path, host, "[0]")
+    with pytest.raises(ConfigError, match="max_retries"):
+        list(RayExecutor(RayConfig(max_retries=-1)).map(cells, MatrixContext(tmp_path, tmp_path), host))
+    with pytest.raises(ConfigError, match="address"):
+        list(RayExecutor(RayConfig(address="nowhere")).map(cells, MatrixContext(tmp_path, tmp_path), host))
