@@ -1,18 +1,16 @@
 """Step-cost and runner-overhead benchmarks (``kdbench bench``).
 
-Step cost: ONE teacher, ONE student and ONE fixed random batch (B, T); every method's training
-step is the production one, :meth:`kdbench.loop.Loop.train_step` (``rule.step(ctx)`` then the
-student step), on a :class:`~kdbench.loop.Loop` built from the registered method's loss and rule
-exactly as the runner builds it. Measured medians are compared with the per-step FLOP model of
-shared/docs/performance.md §2.3, with ``F_T``/``F_S`` from the models' ``flops_per_example(T)``.
+Step cost: ONE teacher, ONE student, ONE fixed random batch (B, T). Each method's step is the
+production :meth:`kdbench.loop.Loop.train_step` (``rule.step(ctx)``, then the student step) on a
+``Loop`` built from the registered method's loss, rule and defaults as the runner builds it, and
+is compared with the FLOP model of shared/docs/performance.md §2.3 (``F_T``/``F_S`` from the
+models' ``flops_per_example(T)``). Pair: all-MiniLM-L6-v2 from ``../shared/hf`` + a 2-layer
+``pick-layers`` student, else the quickstart's tiny-bert 4L-64 + 2 layers; ``eager`` attention
+(the Meta-KD loss needs attention maps).
 
-Teacher: all-MiniLM-L6-v2 (6L-384) from ``../shared/hf`` beside the repo plus a 2-layer
-``pick-layers`` student; without it the quickstart's tiny-bert 4L-64 teacher and 2-layer student.
-Attention is ``eager`` by default because the Meta-KD loss asks for attention maps.
-
-Memory (the step's peak above what was live before it): on CUDA ``max_memory_allocated``; on CPU
-(a) the tensor allocator's peak from ``torch.profiler(profile_memory=True)`` in one extra step and
-(b) the process peak-RSS rise (``VmHWM`` reset through ``/proc/self/clear_refs``). (b) is coarse:
+Memory, the step's peak above what was live before it: CUDA ``max_memory_allocated``; CPU (a) the
+tensor allocator's peak from ``torch.profiler(profile_memory=True)`` in one extra step, (b) the
+rise of the process peak RSS (``VmHWM``, reset via ``/proc/self/clear_refs``). (b) is coarse:
 glibc keeps freed pages, so it depends on what ran before; compare methods with (a).
 """
 
@@ -38,6 +36,7 @@ from kdbench.errors import ConfigError, ExitCode, NotApplicable
 
 if TYPE_CHECKING:
     from kdbench.data import TaskData
+    from kdbench.loop import Loop
     from kdbench.manager import Host
     from kdbench.types import Batch, KDModel, Task
 
@@ -102,6 +101,22 @@ class Pair:
         return self.teacher.flops_per_example(self.seq_len), self.student.flops_per_example(self.seq_len)
 
 
+@dataclass
+class Step:
+    """One production training step: ``Loop.train_step(batch)``, then ``state.step += 1``."""
+
+    loop: Loop
+    batch: Batch
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """Run the step (synchronised on CUDA); return the loop's metrics."""
+        out = self.loop.train_step(self.batch)
+        self.loop.state.step += 1
+        if self.loop.device.type == "cuda":
+            torch.cuda.synchronize(self.loop.device)
+        return out
+
+
 def minilm_available() -> bool:
     """True when ../shared/hf holds the MiniLM checkpoint."""
     return (SHARED_HF / "hub" / ("models--" + MINILM.replace("/", "--"))).is_dir()
@@ -155,12 +170,12 @@ def build_pair(teacher: str = "minilm", student_layers: int = 2, seq_len: int = 
     return Pair(host, task, t_model, s_model, data, fixed, dev, seq_len, snap)
 
 
-def build_step(pair: Pair, spec: StepSpec, lr: float = 5e-5) -> Callable[[], dict[str, torch.Tensor]]:
-    """A zero-argument function running ONE production training step of ``spec`` on the pair.
+def build_step(pair: Pair, spec: StepSpec, lr: float = 5e-5) -> Step:
+    """ONE production training step of ``spec`` on the pair, as a callable :class:`Step`.
 
     Restores the pair first, builds the method's loss and rule from its registered defaults plus
     ``spec.rule``, a :class:`~kdbench.loop.Loop` around them, then ``rule.prepare`` and the teacher
-    cache as ``Loop.run`` does. Each call is ``Loop.train_step(batch)`` (and ``state.step += 1``).
+    cache as ``Loop.run`` does.
 
     Raises:
         NotApplicable / ConfigError: the method cannot run on this pair.
@@ -191,30 +206,20 @@ def build_step(pair: Pair, spec: StepSpec, lr: float = 5e-5) -> Callable[[], dic
     if spec.cached:
         loop.tcache = teacher_cache(pair.teacher, pair.task, pair.data.splits["train"], loop.ctx.want,
                                     cfg, pair.device, loop.autocast)
-
-    def step() -> dict[str, torch.Tensor]:
-        out = loop.train_step(pair.batch)
-        loop.state.step += 1
-        if pair.device.type == "cuda":
-            torch.cuda.synchronize(pair.device)
-        return out
-
-    return step
+    return Step(loop, pair.batch)
 
 
 def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next((int(x.split()[1]) for x in lines if x.startswith(key + ":")), 0)
 
 
 def _reset_hwm() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
     except OSError:
         return False
+    return True
 
 
 def _alloc_peak_mb(step: Callable[[], Any], device: torch.device) -> float | None:
@@ -240,32 +245,31 @@ def _alloc_peak_mb(step: Callable[[], Any], device: torch.device) -> float | Non
     return peak / 2**20
 
 
-def measure(step: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1,
-            memory: bool = True) -> dict[str, Any]:
-    """Median/min wall time of ``repeats`` steps after ``warmup`` and the step's peak memory."""
-    for _ in range(warmup):
-        step()
-    times, rss = [], []
-    hwm_ok = device.type == "cpu" and _reset_hwm()
-    for _ in range(repeats):
-        gc.collect()
-        before = _status_kb("VmRSS") if hwm_ok else 0
-        if hwm_ok:
-            _reset_hwm()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if hwm_ok:
-            rss.append((_status_kb("VmHWM") - before) / 1024)
+def timed(step: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
+    """Wall seconds of one step and its peak-RSS rise in MB (CPU; None where unavailable)."""
+    gc.collect()
+    track = device.type == "cpu" and _reset_hwm()
+    before = _status_kb("VmRSS") if track else 0
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    return seconds, (_status_kb("VmHWM") - before) / 1024 if track else None
+
+
+def _summary(runs: list[tuple[float, float | None]], alloc: float | None) -> dict[str, Any]:
+    times, rss = [t for t, _ in runs], [m for _, m in runs if m is not None]
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-            "peak_alloc_mb": _alloc_peak_mb(step, device) if memory else None,
-            "peak_rss_delta_mb": max(rss) if rss else None}
+            "peak_alloc_mb": alloc, "peak_rss_delta_mb": max(rss) if rss else None}
 
 
 def step_costs(teacher: str = "minilm", student_layers: int = 2, seq_len: int = 64, batch: int = 32,
                repeats: int = 3, device: str = "cpu", threads: int | None = None, warmup: int = 1,
                memory: bool = True, methods: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Time one training step of every :data:`SPECS` entry (or the ``methods`` labels) on one pair.
+
+    All methods' loops are built first, warmed up, then timed round-robin (one step of each per
+    round), so a machine whose load drifts slows every method alike; ``ratio_kd`` is the median
+    over rounds of the per-round ratio to live-teacher KD.
 
     Returns:
         One dict per method: ``method``, ``model`` (formula), ``median_s``, ``min_s``, ``times_s``,
@@ -278,27 +282,34 @@ def step_costs(teacher: str = "minilm", student_layers: int = 2, seq_len: int = 
     f_t, f_s = pair.flops()
     kd_flops = f_t + 3 * f_s
     rows: list[dict[str, Any]] = []
+    steps: dict[int, Callable[[], Any]] = {}
     for spec in SPECS:
         if methods and spec.label not in methods and spec.method not in methods:
             continue
-        row: dict[str, Any] = {"method": spec.label, "model": spec.model, "F_T": f_t, "F_S": f_s,
-                               "model_ratio": spec.flops(f_t, f_s) / kd_flops, "batch": batch,
-                               "seq_len": seq_len, "teacher": pair.teacher.origin,
-                               "student": pair.student.origin, "device": str(pair.device),
-                               "threads": torch.get_num_threads()}
+        rows.append({"method": spec.label, "model": spec.model, "F_T": f_t, "F_S": f_s,
+                     "model_ratio": spec.flops(f_t, f_s) / kd_flops, "batch": batch,
+                     "seq_len": seq_len, "teacher": pair.teacher.origin,
+                     "student": pair.student.origin, "device": str(pair.device),
+                     "threads": torch.get_num_threads(), "status": "ok"})
         try:
-            step = build_step(pair, spec)
-            row.update(status="ok", **measure(step, pair.device, repeats, warmup, memory))
+            steps[len(rows) - 1] = build_step(pair, spec)
         except (NotApplicable, ConfigError) as exc:
-            row.update(status="n-a", reason=str(exc))
-        rows.append(row)
-        step = None  # type: ignore[assignment]  # free the loop before the next method
-        gc.collect()
-    kd = next((r for r in rows if r["method"] == SPECS[0].label and r["status"] == "ok"), None)
-    for r in rows:
-        if r["status"] == "ok" and kd is not None:
-            r["ratio_kd"] = r["median_s"] / kd["median_s"]
-            r["measured_over_model"] = r["ratio_kd"] / r["model_ratio"]
+            rows[-1].update(status="n-a", reason=str(exc))
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    runs: dict[int, list[tuple[float, float | None]]] = {i: [] for i in steps}
+    for _ in range(repeats):
+        for i, step in steps.items():
+            runs[i].append(timed(step, pair.device))
+    for i, step in steps.items():
+        rows[i].update(_summary(runs[i], _alloc_peak_mb(step, pair.device) if memory else None))
+    kd = next((i for i in steps if rows[i]["method"] == SPECS[0].label), None)
+    for i in steps:
+        if kd is not None:
+            ratios = [a[0] / b[0] for a, b in zip(runs[i], runs[kd], strict=True)]
+            rows[i]["ratio_kd"] = statistics.median(ratios)
+            rows[i]["measured_over_model"] = rows[i]["ratio_kd"] / rows[i]["model_ratio"]
     return rows
 
 
@@ -323,8 +334,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def describe(rows: list[dict[str, Any]]) -> str:
     """One line naming the pair, FLOPs, batch and device of a :func:`step_costs` run."""
-    if not rows:
-        return "(no rows)"
     r = rows[0]
     return (f"teacher {r['teacher']} (F_T {r['F_T'] / 1e9:.3f} GFLOP/example), student {r['student']} "
             f"(F_S {r['F_S'] / 1e9:.3f}), B={r['batch']} T={r['seq_len']}, {r['device']}, "
@@ -369,11 +378,12 @@ def overhead_phases() -> dict[str, Any]:
     return out
 
 
-def time_ls() -> float:
-    """Wall time of ``python -m kdbench ls`` in a new process (raises if it fails)."""
+def time_ls(env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall time and stdout of ``python -m kdbench ls`` in a new process (raises if it fails)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kdbench", "ls"], capture_output=True, check=True)
-    return time.perf_counter() - t0
+    proc = subprocess.run([sys.executable, "-m", "kdbench", "ls"], capture_output=True, text=True,
+                          check=True, env=env)
+    return time.perf_counter() - t0, proc.stdout
 
 
 def overhead_table(runs: list[dict[str, Any]], ls_times: list[float]) -> str:
@@ -411,16 +421,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Print the step-cost (or runner-overhead) markdown table."""
     if getattr(args, "overhead", False):
         runs = [overhead_phases() for _ in range(max(1, args.repeats))]
-        ls_times = [time_ls() for _ in range(max(1, args.repeats))]
+        ls_times = [time_ls()[0] for _ in range(max(1, args.repeats))]
         print(overhead_table(runs, ls_times))
         payload: Any = {"runs": runs, "ls_s": ls_times}
     else:
         methods = tuple(m.strip() for m in args.methods.split(",")) if getattr(args, "methods", None) else None
         rows = step_costs(args.teacher, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
                           device=args.device, threads=args.threads or None, methods=methods)
-        print(describe(rows))
-        print()
-        print(format_table(rows))
+        print(f"{describe(rows)}\n\n{format_table(rows)}")
         payload = rows
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(payload, indent=2, default=str) + "\n")

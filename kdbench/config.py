@@ -7,7 +7,8 @@ command line, a method-specific section (``[method.metadistil.loss]``) beats a g
 
 Suite file layout (see ``kdbench/configs/*.toml``)::
 
-    [suite]            name, methods, tasks, students, seeds, baselines, description, budget
+    [suite]            name, methods ("all" = every registered method), tasks, students, seeds,
+                       baselines, description, budget, reference (published numbers)
     [teachers.NAME]    kind = <model kind>, then that kind's Config fields
     [students.NAME]    teacher = NAME, kind = <student kind>, then that kind's Config fields
     [train]            TrainConfig fields for distillation cells
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import re
 import tomllib
 import types
 import typing
@@ -56,8 +58,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the student forward (never with double backward)
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuBLAS workspace
+    threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 = torch's default
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
-    nan_patience: int = 1  # consecutive non-finite losses before the cell is 'diverged'
     oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
 
 
@@ -116,7 +118,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             problems.append(f"override {item!r} is not key=value (e.g. train.epochs=2)")
             continue
-        parts = key.split(".")
+        parts = [p.strip('"') for p in re.findall(r'"[^"]*"|[^.]+', key)]  # task."glue/sst2".x
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -54,7 +54,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) -> dict[str, Any]:
     """Run one cell with failure isolation, add provenance, write the result; return it."""
-    from kdbench.loop import Diverged
+    from kdbench.loop import Diverged, save_path
     from kdbench.manager import Host as HostCls
     from kdbench.manager import make_plugin_manager
     from kdbench.results import new_result
@@ -70,6 +70,7 @@ def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) 
             result = host.run_cell(attempt, ctx)
             break
         except Diverged as exc:
+            save_path(mctx.cache_dir, spec.run_id).unlink(missing_ok=True)  # never resumed
             result = new_result(spec)
             result.update(status="diverged", reason=str(exc))
             result["extra"]["diverged_step"] = exc.step

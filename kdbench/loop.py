@@ -353,7 +353,10 @@ class Loop:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
     def _flush(self, acc: dict[str, Tensor], n: int) -> None:
-        """Read accumulated device metrics once (one host sync), check finiteness, log."""
+        """Read accumulated device metrics once (one host sync), check finiteness, log.
+
+        A non-finite loss anywhere in the window makes the cell ``diverged`` (the check runs every
+        ``log_every`` steps and at the end of every epoch, so no per-step host sync is needed)."""
         values = {k: float(v) / n for k, v in acc.items()}
         bad = [k for k, v in values.items() if k.startswith("loss/") and not math.isfinite(v)]
         if bad:

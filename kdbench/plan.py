@@ -100,7 +100,8 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
     """All cells of ``suite``: teacher cells first, then method cells; raise on any problem."""
     problems: list[str] = list(host.configure(suite))
     where = f"{suite.path} [suite]"
-    methods = [m for m in suite.methods if _known(host, "methods", m, where + " methods", problems)]
+    names = [n for m in suite.methods for n in (host.methods.names() if m == "all" else [m])]
+    methods = [m for m in dict.fromkeys(names) if _known(host, "methods", m, where + " methods", problems)]
     if suite.baselines and "no-kd" in host.methods and "no-kd" not in methods:
         methods.append("no-kd")
     tasks = {t: host.tasks.get(t) for t in suite.tasks
@@ -145,7 +146,12 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
         scfg = build_config(host.students.get(kind).Config, [opts], f"[students.{sname}]", problems)
         if tname in teachers:
             tkind, tcfg = teachers[tname]
-            modality = host.students.get(kind)(scfg).modality(host.models.get(tkind)(tcfg))
+            try:
+                student_kind = host.students.get(kind)(scfg, host.models.as_mapping())
+                modality = student_kind.modality(host.models.get(tkind)(tcfg))
+            except ConfigError as exc:
+                problems.append(f"[students.{sname}]: {exc}")
+                continue
             students[sname] = (tname, kind, scfg, modality)
 
     cells: list[CellSpec] = []

@@ -108,6 +108,10 @@ class Registry(Generic[T]):
         """Refuse further registrations."""
         self._frozen = True
 
+    def as_mapping(self) -> dict[str, T]:
+        """A read-only view's worth of the entries (a new dict)."""
+        return dict(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

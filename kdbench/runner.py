@@ -78,6 +78,8 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = resolve_device(ctx, spec)
     set_determinism(spec.train.deterministic)
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
     task = host.tasks.get(spec.task)(spec.task_cfg)
     teacher_kind = host.models.get(spec.teacher_kind)(spec.teacher_cfg)
     init_gen = generator(seed_for(spec.seed, "init"))
@@ -126,7 +128,7 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
     """Student, loss, rule and the Loop for a method cell (restored from its checkpoint if any)."""
     host = ctx.host
     teacher.to(device)
-    student_kind = host.students.get(spec.student_kind)(spec.student_cfg)
+    student_kind = host.students.get(spec.student_kind)(spec.student_cfg, host.models.as_mapping())
     student = student_kind.build(teacher_kind, task.num_labels, init_gen).to(device)
     loss_cls = host.losses.get(spec.loss)
     loss = loss_cls(spec.loss_cfg, task=task, teacher=teacher, student=student).to(device)
@@ -200,6 +202,8 @@ def save_checkpoint(loop: Loop, path: Path) -> None:
 
 def load_checkpoint(loop: Loop, path: Path) -> int:
     """Restore ``loop`` from ``path`` if present and readable; return the step resumed from."""
+    for torn in path.parent.glob(f"{path.stem}.tmp*"):  # left by a kill during torch.save
+        torn.unlink(missing_ok=True)
     if not path.exists():
         return 0
     try:

@@ -135,6 +135,8 @@ class Task:
 
     name: ClassVar[str]  # "glue/sst2"
     version: ClassVar[str] = "1"
+    #: set by load(): source, files and rows read (and skipped) per split; recorded in results
+    load_info: dict[str, Any]
     modality: ClassVar[str] = "text"  # "text" | "vision"
     num_labels: ClassVar[int] = 2  # 1 = regression
     label_names: ClassVar[tuple[str, ...]] = ()
@@ -218,8 +220,10 @@ class StudentKind:
     version: ClassVar[str] = "1"
     Config: ClassVar[type] = NoConfig
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, models: Mapping[str, type[ModelKind]] | None = None) -> None:
         self.cfg = cfg
+        #: the host's model registry (every registered model kind, third-party ones included)
+        self.models: Mapping[str, type[ModelKind]] = models or {}
 
     def build(self, teacher: ModelKind, num_labels: int, generator: torch.Generator) -> KDModel:
         """Build the (untrained) student for ``teacher``'s modality and ``num_labels``."""

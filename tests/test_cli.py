@@ -82,3 +82,18 @@ def test_run_end_to_end_subprocess(tmp_path):
 def test_ls_suites(argv, capsys):
     assert main(argv) == 0
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_real_glue_task_end_to_end_cli(tmp_path, shared_dir):
+    """A tiny model on real RTE files from ../shared through `kdbench run`."""
+    suite = tiny_suite(tmp_path / "rte.toml", "kd", task="glue/rte", steps=5)
+    cmd = [sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--out-dir", str(tmp_path / "lb"),
+           "--cache-dir", str(tmp_path / "cache"), f'task."glue/rte".data_dir="{shared_dir / "data" / "glue"}"',
+           'task."glue/rte".max_train_examples=300', 'task."glue/rte".max_seq_length=64']
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "lb" / "results" / "tiny").glob("*.json")]
+    assert {r["status"] for r in results} == {"ok"} and len(results) == 2
+    kd = next(r for r in results if r["method"] == "kd")
+    assert kd["data"]["rows"]["dev"] == 277 and kd["data"]["rows"]["train"] == 270  # 300 capped, 10 % quiz
+    assert "glue/rte accuracy" in (tmp_path / "lb" / "tiny.md").read_text()

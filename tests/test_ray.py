@@ -12,6 +12,7 @@ import pytest
 
 from kdbench.config import load_suite
 from kdbench.executors import HostArgs, LocalExecutor, MatrixContext
+from kdbench.hookspecs import hookimpl
 from kdbench.manager import Host, make_plugin_manager
 from kdbench.plan import expand
 from kdbench.results import load_results, read_result, result_path
@@ -35,15 +36,39 @@ CRASH_PLUGIN = textwrap.dedent('''\
 
     import os
     import signal
+    from dataclasses import dataclass
     from pathlib import Path
 
     from kdbench.hookspecs import hookimpl
+    from kdbench.types import Method, TeacherUpdate
+
+
+    @dataclass(frozen=True)
+    class TagConfig:
+        tag: int = 0
+
+
+    class FrozenTagged(TeacherUpdate):
+        """A frozen rule with options: its Config class lives only in this -p file."""
+
+        name = "frozen-tagged"
+        Config = TagConfig
+
+
+    @hookimpl
+    def kdbench_register_teacher_updates(register):
+        register(FrozenTagged)
+
+
+    @hookimpl
+    def kdbench_register_methods(register):
+        register(Method(name="kd-tagged", teacher_update="frozen-tagged", loss="kd"))
 
 
     @hookimpl(tryfirst=True)
     def kdbench_run_cell(spec, ctx):
         """no-kd cells die on their first attempt only; kd cells die on every attempt."""
-        if spec.is_teacher:
+        if spec.is_teacher or spec.method == "kd-tagged":
             return None
         marker = Path(os.environ["KDBENCH_TEST_CRASH_DIR"]) / spec.run_id
         if spec.method == "kd" or not marker.exists():
@@ -53,9 +78,9 @@ CRASH_PLUGIN = textwrap.dedent('''\
     ''')
 
 
-def _cells(tmp: Path, host: Host, seeds: str) -> list[Any]:
+def _cells(tmp: Path, host: Host, seeds: str, *more: str) -> list[Any]:
     suite = load_suite(str(tiny_suite(tmp / "tiny.toml", "kd", steps=12)),
-                       [f"suite.seeds={seeds}", "suite.baselines=true", "train.epochs=2",
+                       [*more, f"suite.seeds={seeds}", "suite.baselines=true", "train.epochs=2",
                         "train.max_steps=0", "task.toy/reviews.per_domain=200",
                         "task.toy/reviews.max_train_examples=96"])
     return expand(suite, host)
@@ -96,13 +121,18 @@ def test_dead_worker_is_retried_then_recorded_failed(tmp_path: Path, monkeypatch
     (tmp_path / "markers").mkdir()
     monkeypatch.setenv("KDBENCH_TEST_CRASH_DIR", str(tmp_path / "markers"))  # forwarded to workers
     host = Host(make_plugin_manager(autoload=False, extra=[str(plugin)]))
-    cells = _cells(tmp_path, host, "[0]")
+    cells = _cells(tmp_path, host, "[0]", 'suite.methods=["kd", "kd-tagged"]',
+                   "teacher_update.frozen-tagged.tag=7")
+    assert len(cells) == 4
     mctx = MatrixContext(tmp_path / "res", tmp_path / "cache", HostArgs(extra=(str(plugin),), autoload=False))
     # ship_code: workers import kdbench and kdbench_builtins from the uploaded copies
     executor = RayExecutor(RayConfig(num_cpus=1, local_cpus=2, max_retries=1, object_store_mb=100,
                                      ship_code=True))
     results = {r["method"]: r for r in executor.map(cells, mctx, host)}
     assert results["teacher"]["status"] == "ok"
+    # the spec's option classes come from the -p file; the worker loads it before unpickling them
+    assert results["kd-tagged"]["status"] == "ok", results["kd-tagged"]["reason"]
+    assert results["kd-tagged"]["config"]["teacher_update"] == {"name": "frozen-tagged", "tag": 7}
     assert results["no-kd"]["status"] == "ok", results["no-kd"]["reason"]  # died once, retried
     assert results["no-kd"]["protocol"]["epochs_run"] == 2
     kd = results["kd"]
@@ -121,3 +151,21 @@ def test_bad_options_are_config_errors(tmp_path: Path, make_host: Callable[..., 
         list(RayExecutor(RayConfig(max_retries=-1)).map(cells, MatrixContext(tmp_path, tmp_path), host))
     with pytest.raises(ConfigError, match="address"):
         list(RayExecutor(RayConfig(address="nowhere")).map(cells, MatrixContext(tmp_path, tmp_path), host))
+
+
+class InProcessOnly:
+    """A plugin object registered in the driver: workers could never load it."""
+
+    @hookimpl
+    def kdbench_log_metrics(self, spec: Any, step: int, metrics: Any) -> None:
+        """Observe nothing."""
+
+
+def test_in_process_plugins_are_refused(tmp_path: Path, make_host: Callable[..., Host]) -> None:
+    from kdbench.errors import ConfigError
+
+    host = make_host(InProcessOnly())
+    cells = _cells(tmp_path, host, "[0]")
+    with pytest.raises(ConfigError, match=r"test_ray\.InProcessOnly.*-p MODULE_OR_FILE"):
+        list(RayExecutor(RayConfig()).map(cells, MatrixContext(tmp_path, tmp_path), host))
+    assert not ray.is_initialized()  # refused before starting anything

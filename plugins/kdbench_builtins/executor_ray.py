@@ -1,7 +1,8 @@
 """Built-in plugin: the "ray" executor runs every cell of the matrix as a Ray task.
 
 Each cell is one task calling :func:`kdbench.executors.execute_cell` in a Ray worker; the worker
-rebuilds the same Host from ``mctx.host_args``, writes the result JSON atomically into the results
+rebuilds the same Host from ``mctx.host_args`` (plugins registered in the driver process only, not
+through ``-p``, ``KDBENCH_PLUGINS`` or an entry point, are refused up front), writes the result JSON atomically into the results
 directory and returns the result dict. Teacher fine-tuning cells run as a first wave; the method
 cells then reuse the cached teachers (the cache has a lock file, so two workers never train the
 same teacher). Results are yielded as cells finish (``ray.wait``). A cell whose worker process
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -71,12 +73,31 @@ class RayConfig:
     ship_code: bool = False  # upload kdbench and kdbench_builtins to the cluster (runtime_env py_modules)
 
 
-def _cell_remote(spec: CellSpec, mctx: MatrixContext, threads: int) -> dict[str, Any]:
-    """What a Ray worker runs for one cell."""
+def _cell_remote(spec_pickle: bytes, mctx: MatrixContext, threads: int) -> dict[str, Any]:
+    """What a Ray worker runs for one cell.
+
+    The spec arrives pickled: it is unpickled only after the plugins are loaded, because its
+    option dataclasses may live in a ``-p file.py`` plugin (module ``kdbench_local_<stem>``).
+    """
     import torch
 
+    from kdbench.manager import Host, make_plugin_manager
+
     torch.set_num_threads(max(1, threads))
-    return execute_cell(spec, mctx)
+    a = mctx.host_args
+    host = Host(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+    spec = pickle.loads(spec_pickle)
+    return execute_cell(spec, mctx, host)
+
+
+def _plugin_ids(pm: Any) -> set[str]:
+    """Module names of a manager's plugins (class path for plugin objects)."""
+    ids = set()
+    for _, plugin in pm.list_name_plugin():
+        if plugin is not None:
+            ids.add(getattr(plugin, "__name__", None)
+                    or f"{type(plugin).__module__}.{type(plugin).__qualname__}")
+    return ids
 
 
 def _package_dir(module: str) -> Path:
@@ -93,10 +114,12 @@ class RayExecutor(Executor):
     Config = RayConfig
 
     def __init__(self, cfg: RayConfig | None) -> None:
+        """``cfg`` comes from ``--executor-opt``; None means the defaults."""
         super().__init__(cfg if cfg is not None else RayConfig())
 
     # -- setup ---------------------------------------------------------------------------------
     def _check(self) -> None:
+        """Every bad option at once, as one ConfigError."""
         cfg = self.cfg
         problems = []
         if cfg.num_cpus < 0 or cfg.num_gpus < 0:
@@ -121,7 +144,25 @@ class RayExecutor(Executor):
                                    cache_dir=Path(mctx.cache_dir).resolve(),
                                    host_args=HostArgs(extra, a.blocked, autoload))
 
-    def _runtime_env(self, mctx: MatrixContext) -> dict[str, Any]:
+    def _check_plugins(self, host: Host, mctx: MatrixContext) -> None:
+        """Workers rebuild the Host from ``host_args``: refuse plugins registered in-process only."""
+        from kdbench.manager import make_plugin_manager
+
+        a = mctx.host_args
+        # rebuilding re-imports -p files; keep this process's modules (the specs pickle their classes)
+        saved = {k: v for k, v in sys.modules.items() if k.startswith("kdbench_local_")}
+        try:
+            rebuilt = _plugin_ids(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+        finally:
+            sys.modules.update(saved)
+        missing = sorted(_plugin_ids(host.pm) - rebuilt)
+        if missing:
+            raise ConfigError(f"--executor ray: plugin(s) {', '.join(missing)} were registered in this "
+                              "process only, so Ray workers cannot load them. Hint: load them with "
+                              "-p MODULE_OR_FILE (or KDBENCH_PLUGINS), or use --executor local")
+
+    def _runtime_env(self) -> dict[str, Any]:
+        """Forwarded environment variables, and how workers find kdbench's code."""
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
         runtime: dict[str, Any] = {}
         if self.cfg.ship_code:
@@ -134,13 +175,13 @@ class RayExecutor(Executor):
             runtime["env_vars"] = env
         return runtime
 
-    def _init(self, ray: Any, mctx: MatrixContext) -> bool:
+    def _init(self, ray: Any) -> bool:
         """Connect to or start Ray; True when this call started (and must stop) it."""
         if ray.is_initialized():
             return False
         cfg = self.cfg
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "runtime_env": self._runtime_env(mctx)}
+                                  "runtime_env": self._runtime_env()}
         if cfg.address:
             ray.init(address=cfg.address, **kwargs)
         else:
@@ -165,7 +206,8 @@ class RayExecutor(Executor):
             raise ConfigError("--executor ray needs Ray: pip install 'kdbench[ray]' (or ray>=2.9), "
                               "or use --executor local") from exc
         mctx = self._portable(mctx)
-        started = self._init(ray, mctx)
+        self._check_plugins(host, mctx)
+        started = self._init(ray)
         try:
             cfg = self.cfg
             gpus = ray.cluster_resources().get("GPU", 0)
@@ -187,11 +229,12 @@ class RayExecutor(Executor):
     def _wave(self, ray: Any, remote: Any, wave: list[CellSpec], mref: Any, mctx: MatrixContext,
               host: Host, threads: int, on_start: Callable[[CellSpec], None] | None,
               ) -> Iterator[dict[str, Any]]:
+        """Submit every cell of ``wave``; yield results in completion order."""
         running: dict[Any, tuple[CellSpec, float]] = {}
         for spec in wave:
             if on_start:
                 on_start(spec)
-            running[remote.remote(spec, mref, threads)] = (spec, time.perf_counter())
+            running[remote.remote(pickle.dumps(spec), mref, threads)] = (spec, time.perf_counter())
         try:
             while running:
                 done, _ = ray.wait(list(running), num_returns=1)

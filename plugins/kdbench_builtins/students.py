@@ -79,7 +79,7 @@ class ModelStudent(StudentKind):
 
     def model_kind(self) -> ModelKind:
         """The configured model kind, instantiated with its options."""
-        kinds = builtin_model_kinds()
+        kinds = dict(self.models) or builtin_model_kinds()  # the host registry, else the built-ins
         c: ModelStudentConfig = self.cfg
         if c.model not in kinds:
             raise ConfigError(f"student model = {c.model!r} is not a model kind; choose one of "
