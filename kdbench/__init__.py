@@ -15,6 +15,7 @@ from kdbench.errors import (
     PluginError,
 )
 from kdbench.hookspecs import hookimpl, hookspec
+from kdbench.lazy import lazy_import
 from kdbench.registry import Registrar
 from kdbench.types import (
     Batch,
@@ -56,4 +57,5 @@ __all__ = [
     "__version__",
     "hookimpl",
     "hookspec",
+    "lazy_import",
 ]

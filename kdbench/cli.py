@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--executor-opt", action="append", default=[], metavar="key=value",
                        help="executor option, e.g. address=auto, num_gpus=1")
         p.add_argument("--retry-failed", action="store_true", help="rerun failed cells too")
+        p.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms (same as train.deterministic=true teacher_train.deterministic=true)")
         p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
         p.add_argument("--no-leaderboard", action="store_true", help="do not render after the run")
     ls = sub.add_parser("ls", parents=[common], help="list registered components")

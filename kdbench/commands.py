@@ -16,6 +16,8 @@ from kdbench.manager import Host
 
 def _suite_from_args(args: argparse.Namespace) -> Suite:
     overrides = list(args.overrides)
+    if getattr(args, "deterministic", False):
+        overrides += ["train.deterministic=true", "teacher_train.deterministic=true"]
     for key in ("methods", "tasks", "students", "seeds"):
         value = getattr(args, key)
         if value:
@@ -55,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Plan, run pending cells, render the leaderboard."""
-    from kdbench.executors import MatrixContext, HostArgs, pending
+    from kdbench.executors import HostArgs, MatrixContext, pending
 
     host, suite, cells = plan(args)
     if args.dry_run:
@@ -162,8 +164,8 @@ def _component_rows(host: Host, kind: str) -> list[dict[str, Any]]:
         elif kind == "models":
             row.update(modality=obj.modality, params=_param_count(obj))
         if kind in ("losses", "teacher_updates", "models", "students", "tasks"):
-            cfg = getattr(obj, "Config", None)
-            if cfg is not None and dataclasses.is_dataclass(cfg):
+            cfg: Any = getattr(obj, "Config", None)
+            if isinstance(cfg, type) and dataclasses.is_dataclass(cfg):
                 row["options"] = ", ".join(f"{k}={v!r}" for k, v in as_dict(cfg()).items())
         rows.append(row)
     return rows
@@ -175,9 +177,10 @@ def _param_count(kind_cls: Any) -> str:
     import torch
 
     try:
-        cfg = kind_cls.Config() if dataclasses.is_dataclass(kind_cls.Config) else None
+        config_cls: Any = kind_cls.Config
+        cfg = config_cls() if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls) else None
         model = kind_cls(cfg).build(100 if kind_cls.modality == "vision" else 2, torch.Generator().manual_seed(0))
-    except Exception:  # noqa: BLE001 - e.g. "hf" needs a checkpoint name
+    except Exception:
         return "per checkpoint"
     return f"{model.num_parameters() / 1e6:.3f}M"
 

@@ -56,7 +56,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke tests
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the student forward (never with double backward)
+    compile: bool = False  # torch.compile the student (frozen-teacher rules only: no double backward)
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuBLAS workspace
     threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 = torch's default
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch

@@ -292,8 +292,8 @@ def _load_cache(path: Path, key: str, sizes: dict[str, int]) -> dict[str, dict[s
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("key") != key:
                 return None
-            flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-    except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:
         return None
     out: dict[str, dict[str, Tensor]] = {}
     for k, v in flat.items():
@@ -418,14 +418,14 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     if task.domains and "meta_train" not in splits:
         splits["meta_train"] = dataclasses.replace(splits["train"], name="meta_train")
 
-    cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+    cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else {}
     info: dict[str, Any] = {
         "task": task.name, "task_version": task.version, "config": cfg_dict,
         "source": load_info.get("source", cfg_dict.get("source")),
         "data_dir": load_info.get("data_dir", cfg_dict.get("data_dir")),
         "load": load_info, "raw_rows": {s: len(d) for s, d in raw.items()},
         "rows": {s: len(v) for s, v in splits.items()}, **choices,
-        "quiz": {"from": "train", "rows": int(len(quiz_rows)), "stratified": True,
+        "quiz": {"from": "train", "rows": len(quiz_rows), "stratified": True,
                  "removed_from_train_for_all_methods": True},
         "tokenizer": (str(getattr(tokenizer, "name_or_path", "")) or None) if task.modality == "text" else None,
         "token_lengths": lengths, "token_cache": cache_state,

@@ -64,7 +64,7 @@ class DataError(KdbenchError):
     exit_code = ExitCode.DATA_ERROR
 
 
-class NotApplicable(Exception):  # noqa: N818 - it is a verdict, not an error
+class NotApplicable(Exception):
     """Raised by a component when a cell cannot run (e.g. Meta-KD on a single-domain task).
 
     The runner records the cell as ``n-a`` with ``str(exc)`` as the reason.

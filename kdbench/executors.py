@@ -64,7 +64,7 @@ def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) 
         a = mctx.host_args
         host = HostCls(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
     ctx = RunContext(host, mctx.results_dir, mctx.cache_dir, mctx.device)
-    attempt, retries = spec, []
+    attempt, retries = spec, []  # type: CellSpec, list[dict[str, Any]]
     while True:
         try:
             result = host.run_cell(attempt, ctx)
@@ -75,7 +75,7 @@ def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) 
             result.update(status="diverged", reason=str(exc))
             result["extra"]["diverged_step"] = exc.step
             break
-        except Exception as exc:  # noqa: BLE001 - recorded, the matrix goes on
+        except Exception as exc:
             if is_oom(exc) and len(retries) < spec.train.oom_retries:
                 micro = (attempt.train.micro_batch_size or attempt.train.batch_size) // 2
                 if micro >= 1:
@@ -107,7 +107,7 @@ def pending(specs: Sequence[CellSpec], results_dir: Path, retry_failed: bool) ->
         if path.exists():
             try:
                 status = read_result(path)["status"]
-            except Exception:  # noqa: BLE001 - a corrupt result is rerun
+            except Exception:
                 status = "corrupt"
             if status in FINAL or (status == "failed" and not retry_failed):
                 continue

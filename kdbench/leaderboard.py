@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from kdbench.hookspecs import hookimpl
+from kdbench.lazy import lazy_import
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = lazy_import("pandas")
 
 BASELINE = "kd"
 ORDER_LAST = ("no-kd", "teacher")
@@ -105,7 +110,7 @@ def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:
     """Paired mean difference to frozen KD per (method, task), with bootstrap 95 % CI."""
     sub = board[(board["student"] == student) & (board["status"] == "ok")]
     base = sub[sub["method"] == BASELINE]
-    rows = []
+    rows: list[dict[str, Any]] = []
     if base.empty:
         return pd.DataFrame(rows)
     for method in sorted(set(sub["method"]) - {BASELINE, "teacher"}):

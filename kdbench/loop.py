@@ -30,10 +30,19 @@ from torch import Tensor
 
 from kdbench.config import TrainConfig
 from kdbench.data import TaskData, TensorSplit
-from kdbench.types import Batch, DistillLoss, KDModel, ModelOutput, QuizStream, StepContext, Task, TeacherUpdate
+from kdbench.types import (
+    Batch,
+    DistillLoss,
+    KDModel,
+    ModelOutput,
+    QuizStream,
+    StepContext,
+    Task,
+    TeacherUpdate,
+)
 
 
-class Diverged(Exception):  # noqa: N818 - a verdict recorded as status "diverged"
+class Diverged(Exception):
     """The loss became NaN/inf; ``step`` is where it was detected."""
 
     def __init__(self, step: int, what: str) -> None:

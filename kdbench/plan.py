@@ -136,7 +136,7 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
 
             problems.append(f"{where} students: no [students.{sname}] section.{suggest(sname, list(suite.student_defs))}")
             continue
-        tname, kind = sdef.get("teacher"), sdef.get("kind")
+        tname, kind = str(sdef.get("teacher")), sdef.get("kind")
         if tname not in suite.teachers:
             problems.append(f"[students.{sname}] teacher {tname!r} has no [teachers.{tname}] section")
             continue

@@ -130,10 +130,16 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
     teacher.to(device)
     student_kind = host.students.get(spec.student_kind)(spec.student_cfg, host.models.as_mapping())
     student = student_kind.build(teacher_kind, task.num_labels, init_gen).to(device)
+    if task.modality == "vision" and device.type == "cuda":  # cuDNN prefers NHWC for convs
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     loss_cls = host.losses.get(spec.loss)
     loss = loss_cls(spec.loss_cfg, task=task, teacher=teacher, student=student).to(device)
     rule = host.teacher_updates.get(spec.teacher_update)(spec.teacher_update_cfg)
     data = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
+    if spec.train.compile and not rule.changes_teacher:
+        # only where nothing differentiates through the student twice (frozen-teacher rules)
+        student.compile()
     cache_ok = (not rule.changes_teacher and not task.augments and loss.uses_teacher
                 and not (loss.needs & {"hidden", "attentions"}))
     stash: dict[str, Any] = {"pretrained_teacher": lambda: teacher_kind.build(

@@ -78,7 +78,7 @@ def run_tiny_cell(host: Host, tmp: Path, method: str, task: str = "toy/reviews",
     cells = expand(suite, host)
     mctx = MatrixContext(tmp / "results", tmp / "cache")
     results = list(LocalExecutor(None).map(cells, mctx, host))
-    return [r for r in results if r["method"] == method][0]
+    return next(r for r in results if r["method"] == method)
 
 
 @pytest.fixture

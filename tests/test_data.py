@@ -11,12 +11,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from kdbench_builtins.tasks_toy import Digits, Reviews, ReviewsConfig
 
 import kdbench.data as kd
 from kdbench.data import TensorSplit, prepare_data, stratified_choice
 from kdbench.errors import DataError
 from kdbench.types import Task
+from kdbench_builtins.tasks_toy import Digits, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

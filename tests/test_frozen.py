@@ -6,12 +6,12 @@ import copy
 import dataclasses
 
 import torch
+
+from kdbench.types import Batch, Method, NoConfig, StepContext, Task, TeacherUpdate, config_fields
 from kdbench_builtins import frozen
 from kdbench_builtins.frozen import Frozen
 from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig, pkd_layer_map
 from kdbench_builtins.models_text import TinyBert, TinyBertConfig
-
-from kdbench.types import Batch, Method, NoConfig, StepContext, Task, TeacherUpdate, config_fields
 
 torch.set_num_threads(1)
 

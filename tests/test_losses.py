@@ -8,6 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from kdbench.errors import ConfigError, NotApplicable
+from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, Task
 from kdbench_builtins import losses
 from kdbench_builtins.losses import (
     CrossEntropy,
@@ -20,9 +23,6 @@ from kdbench_builtins.losses import (
     pkd_layer_map,
     soft_loss,
 )
-
-from kdbench.errors import ConfigError, NotApplicable
-from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, Task
 
 torch.set_num_threads(1)
 

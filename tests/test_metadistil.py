@@ -10,16 +10,16 @@ from collections.abc import Mapping
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench_builtins import metadistil
-from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig
-from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
-from kdbench_builtins.models_text import TinyBert, TinyBertConfig
-from kdbench_builtins.models_vision import VISION_KINDS
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from kdbench.errors import ConfigError, NotApplicable
 from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, QuizStream, StepContext, Task
+from kdbench_builtins import metadistil
+from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig
+from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
+from kdbench_builtins.models_text import TinyBert, TinyBertConfig
+from kdbench_builtins.models_vision import VISION_KINDS
 
 torch.set_num_threads(1)
 

@@ -9,13 +9,13 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from kdbench_builtins import metakd
-from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 
 import kdbench
 from kdbench import Batch, ModelOutput, NotApplicable, StepContext, Task
 from kdbench.config import TrainConfig
 from kdbench.data import TensorSplit
+from kdbench_builtins import metakd
+from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 
 torch.set_num_threads(1)
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kdbench.errors import ConfigError
 from kdbench_builtins import models_text
 from kdbench_builtins.models_text import (
     HFConfig,
@@ -15,8 +17,6 @@ from kdbench_builtins.models_text import (
     TinyBertConfig,
     char_tokenizer,
 )
-
-from kdbench.errors import ConfigError
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kdbench_builtins import models_vision
-from kdbench_builtins.models_vision import VISION_KINDS, WrnConfig
 from torch.func import functional_call
 
 from kdbench.types import KDModel
+from kdbench_builtins import models_vision
+from kdbench_builtins.models_vision import VISION_KINDS, WrnConfig
 
 torch.set_num_threads(1)
 

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench_builtins import reptile
-from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 from torch import Tensor
 
 import kdbench
 from kdbench import Batch, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
 from kdbench.config import TrainConfig
+from kdbench_builtins import reptile
+from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 
 torch.set_num_threads(1)
 LAYER = "model.bert.encoder.layer."

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from kdbench.errors import ConfigError
 from kdbench_builtins import students
 from kdbench_builtins.models_text import HFConfig, HFModel, TinyBert, TinyBertConfig, char_tokenizer
 from kdbench_builtins.models_vision import VISION_KINDS
@@ -16,8 +18,6 @@ from kdbench_builtins.students import (
     PickLayersConfig,
     pick_indices,
 )
-
-from kdbench.errors import ConfigError
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

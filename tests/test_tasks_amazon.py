@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedKFold
+
+from kdbench.errors import DataError
 from kdbench_builtins import tasks_amazon as ta
 from kdbench_builtins.tasks_amazon import (
     AmazonConfig,
@@ -18,9 +21,6 @@ from kdbench_builtins.tasks_amazon import (
     read_reviews,
     verify_sha256,
 )
-from sklearn.model_selection import StratifiedKFold
-
-from kdbench.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ACL = SHARED / "data" / "amazon_blitzer" / "sorted_data_acl"

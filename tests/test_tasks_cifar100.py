@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from kdbench_builtins import tasks_cifar100 as tc
-from kdbench_builtins.tasks_cifar100 import Cifar100, Cifar100Config
 
 from kdbench.data import prepare_data
 from kdbench.errors import DataError
+from kdbench_builtins import tasks_cifar100 as tc
+from kdbench_builtins.tasks_cifar100 import Cifar100, Cifar100Config
 
 torch.set_num_threads(1)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import datasets
 import pytest
-from kdbench_builtins import tasks_glue as tg
-from kdbench_builtins.tasks_glue import GlueConfig, Mnli, Qnli, Qqp, write_glue_submission
 
 from kdbench.errors import DataError
+from kdbench_builtins import tasks_glue as tg
+from kdbench_builtins.tasks_glue import GlueConfig, Mnli, Qnli, Qqp, write_glue_submission
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GLUE = SHARED / "data" / "glue"

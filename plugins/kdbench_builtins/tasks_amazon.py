@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import datasets
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 import kdbench.metrics as km
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
+from kdbench.lazy import lazy_import
 from kdbench.types import Task
+
+datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
 FOLDERS = {"books": "books", "dvd": "dvd", "electronics": "electronics",
@@ -103,7 +104,7 @@ def download_archive(url: str, dest_dir: Path, *, archive_sha256: str = "",
     dest_dir.mkdir(parents=True, exist_ok=True)
     archive = dest_dir / "domain_sentiment_data.tar.gz"
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, archive.open("wb") as f:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=60) as r, archive.open("wb") as f:
             shutil.copyfileobj(r, f)
     except OSError as e:
         raise DataError(f"could not download {url} ({e}); download it by hand and set data_dir to "
@@ -167,6 +168,8 @@ def meta_kd_splits(sentiment: np.ndarray) -> dict[str, np.ndarray]:
         raise DataError(f"only {np.bincount(sentiment, minlength=2).tolist()} negative/positive reviews; "
                         "the 10-fold split needs at least 20 of each (is data_dir the full sorted_data_acl?)")
     perm = np.random.RandomState(SEED).permutation(len(sentiment))  # == DataFrame.sample(frac=1)
+    from sklearn.model_selection import StratifiedKFold
+
     skf = StratifiedKFold(n_splits=10, shuffle=True, random_state=SEED)
     rest, test = next(iter(skf.split(np.zeros(len(perm)), sentiment[perm])))
     rest_rows = perm[rest]

@@ -19,18 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from datasets.features.features import Array3DExtensionType
 from torch import Tensor
 
 import kdbench.metrics as km
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
+from kdbench.lazy import lazy_import
 from kdbench.types import Task
+
+datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 MEAN = (0.5071, 0.4867, 0.4408)
 STD = (0.2675, 0.2565, 0.2761)
@@ -81,7 +82,7 @@ def load_pickle(path: Path) -> dict[str, Any]:
             obj = RestrictedUnpickler(f, path).load()
         except DataError:
             raise
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged file
+        except Exception as e:
             raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download it") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
@@ -109,6 +110,8 @@ def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def images_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
     """A Dataset with ``image`` (Array3D uint8 (C, H, W)) built from Arrow buffers, no copies."""
+    from datasets.features.features import Array3DExtensionType
+
     n, c, h, w = images.shape
 
     def lists(values: pa.Array, size: int, count: int) -> pa.Array:
@@ -176,7 +179,7 @@ class Cifar100(Task):
     def _load_hub(self) -> dict[str, datasets.Dataset]:
         try:
             dd = datasets.load_dataset("uoft-cs/cifar100")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DataError(f"task 'cifar100' source 'hub' could not load uoft-cs/cifar100 ({type(e).__name__}). "
                             "Hint: it needs network access or a populated HF cache; else set "
                             "task.cifar100.source=\"local\" with task.cifar100.data_dir=...") from None

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import datasets
 import numpy as np
 from torch import Tensor
 
 import kdbench.metrics as km
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
+from kdbench.lazy import lazy_import
 from kdbench.types import Task
+
+datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 #: the 5 MNLI training genres (Meta-KD's domains); dev_mismatched/test_mismatched genres map to -1
 MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")
@@ -223,7 +225,7 @@ class GlueTask(Task):
 def _hub_load(task: str, path: str, config: str | None = None) -> Any:
     try:
         return datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
-    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+    except Exception as e:
         raise DataError(f"task {task!r} source 'hub' could not load {path}{'/' + config if config else ''} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Hint: it needs "
                         f"network access or a populated HF cache; else set task.{task}.source=\"local\" "

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from torch import Tensor
@@ -21,7 +20,10 @@ from torch import Tensor
 import kdbench.metrics as km
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
+from kdbench.lazy import lazy_import
 from kdbench.types import Task
+
+datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 
 @dataclass(frozen=True)

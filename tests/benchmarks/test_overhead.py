@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from kdbench.bench import overhead_phases, time_ls
 from kdbench.config import load_suite
 from kdbench.manager import Host, make_plugin_manager

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import torch
-
 import kdbench_anchored
+import torch
 
 
 def test_registered(make_host):
