@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--check", action="store_true", help="fail if a committed file differs from a fresh render")
     pl = sub.add_parser("plugins", parents=[common], help="JSON list of plugins and their hooks")
     pl.add_argument("--hook", help="only plugins implementing this hook")
+    from kdbench.bench import add_bench_parser
+
+    add_bench_parser(sub, [common])
     return parser
 
 

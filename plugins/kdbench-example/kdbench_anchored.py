@@ -55,7 +55,7 @@ class AnchoredTeacher(kdbench.TeacherUpdate):
         self.opt.zero_grad(set_to_none=True)
         (ce + 0.5 * self.cfg.mu * drift).backward()
         self.opt.step()
-        return {"teacher/quiz_ce": float(ce), "teacher/drift": float(drift)}
+        return {"teacher/quiz_ce": float(ce.detach()), "teacher/drift": float(drift.detach())}
 
     def state_dict(self) -> dict[str, object]:
         """Optimizer state and anchor, for resumable checkpoints."""

@@ -194,7 +194,8 @@ class Reptile(TeacherUpdate):
         groups = [{"params": decay, "weight_decay": cfg.teacher_weight_decay},
                   {"params": rest, "weight_decay": 0.0}]
         if cfg.teacher_optimizer == "adamw":
-            self.opt = torch.optim.AdamW(groups, lr=cfg.teacher_lr, eps=cfg.adam_eps)
+            fused = ctx.device.type in ("cpu", "cuda")  # CPU's default for-loop AdamW is ~5x slower
+            self.opt = torch.optim.AdamW(groups, lr=cfg.teacher_lr, eps=cfg.adam_eps, fused=fused)
         else:
             self.opt = torch.optim.SGD(groups, lr=cfg.teacher_lr, momentum=0.0)
         from transformers import get_linear_schedule_with_warmup  # slow import: not at plugin load
