@@ -100,10 +100,13 @@ def method_table(board: pd.DataFrame, student: str, which: str, notes: list[str]
         row["Wall s/cell"] = f"{ok_rows['wall_s'].mean():.0f}" if not ok_rows.empty else ""
         sps = ok_rows["samples_per_s"].dropna()
         row["Train samples/s"] = f"{sps.mean():.0f}" if not sps.empty else ""
+        mfu = ok_rows["mfu"].dropna() if "mfu" in ok_rows else ok_rows["wall_s"].iloc[0:0]
+        if not mfu.empty:
+            row["MFU %"] = f"{100 * mfu.mean():.1f}"
         mem = ok_rows["peak_memory_mb"].dropna()
         row["Peak MB"] = f"{mem.max():.0f}" if not mem.empty and mem.max() > 0 else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("")
 
 
 def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from kdbench.config import TrainConfig
 from kdbench.data import TaskData, TensorSplit
@@ -225,6 +227,7 @@ class Loop:
     state: LoopState = field(default_factory=LoopState)
     pending_rule_state: dict[str, Any] | None = None  # restored after rule.prepare() on resume
     keep_best: bool = False  # keep a copy of the student's weights at the best epoch (teachers)
+    desc: str = ""  # progress-bar label (a bar is shown when stderr is a terminal)
     best_weights: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
@@ -310,6 +313,8 @@ class Loop:
                                         self.ctx.want, cfg, self.device, self.autocast)
         acc: dict[str, Tensor] = {}
         nacc = 0
+        bar = tqdm(total=self.total_steps, initial=st.step, desc=self.desc or "train", unit="step",
+                   leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
         while st.epoch < cfg.epochs and not self._capped():
             self.loss.begin_epoch(st.epoch, cfg.epochs)
             order = torch.randperm(len(self.train_split), generator=generator(seed_for(self.seed, "order", st.epoch)))
@@ -320,6 +325,7 @@ class Loop:
                 st.step += 1
                 st.batch_in_epoch += 1
                 st.samples += len(batch)
+                bar.update(1)
                 for k, v in metrics.items():
                     acc[k] = acc.get(k, 0) + v
                 nacc += 1
@@ -348,6 +354,7 @@ class Loop:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             if self.checkpoint and not self._capped():
                 self.checkpoint(self)
+        bar.close()
         return st
 
     def selection_key(self) -> str:

@@ -146,7 +146,8 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
         task.num_labels, generator(seed_for(spec.seed, "init"))).to(device)}
     ckpt = save_path(ctx.cache_dir, spec.run_id)
     loop = Loop(task, data, student, teacher, loss, rule, spec.train, spec.seed, device, log,
-                checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash)
+                checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash,
+                desc=f"{spec.method} {spec.task} s{spec.seed}")
     resumed = load_checkpoint(loop, ckpt)
     return loop, resumed, cache_ok, student, rule
 
@@ -171,10 +172,27 @@ def throughput(state: LoopState, student: Any, teacher: Any, data: Any, rule: An
         return out
     flops = 3 * fs + (0 if cached else ft)  # model FLOPs of a KD step; rules add their own work
     out["model_flops_per_sample"] = flops
-    peak = float(os.environ.get("KDBENCH_PEAK_TFLOPS", "0") or 0) * 1e12
-    if peak and device.type == "cuda":
+    peak = device_peak_flops(device)
+    if peak:
         out["mfu"] = flops * sps / peak
+        out["peak_flops"] = peak
     return out
+
+
+#: dense bf16 datasheet peaks (FLOP/s) by device-name substring; KDBENCH_PEAK_TFLOPS overrides
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+             "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s used for MFU: $KDBENCH_PEAK_TFLOPS, else the datasheet bf16 peak of a known GPU."""
+    env = float(os.environ.get("KDBENCH_PEAK_TFLOPS", "0") or 0)
+    if env:
+        return env * 1e12
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
 
 
 def peak_memory_mb(device: torch.device) -> float:

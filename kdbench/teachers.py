@@ -105,7 +105,7 @@ def _fine_tune(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, dev
     on_device = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
     loop = Loop(task, on_device, teacher, None, loss, TeacherUpdate(None), spec.teacher_train,
                 spec.seed, device, lambda step, m: log(step, {f"teacher/{k}": v for k, v in m.items()}),
-                keep_best=True)
+                keep_best=True, desc=f"teacher {spec.task} s{spec.seed}")
     state = loop.run()
     if loop.best_weights is not None:
         teacher.load_state_dict(loop.best_weights)
