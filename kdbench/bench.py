@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdbench.errors import ConfigError, ExitCode, NotApplicable
+from kdbench.memory import reset_hwm, status_kb
 
 if TYPE_CHECKING:
     from kdbench.data import TaskData
@@ -209,19 +210,6 @@ def build_step(pair: Pair, spec: StepSpec, lr: float = 5e-5) -> Step:
     return Step(loop, pair.batch)
 
 
-def _status_kb(key: str) -> int:
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return next((int(x.split()[1]) for x in lines if x.startswith(key + ":")), 0)
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
-
-
 def _alloc_peak_mb(step: Callable[[], Any], device: torch.device) -> float | None:
     """Peak tensor memory (MB) a step allocates above what was live before it."""
     if device.type == "cuda":
@@ -248,12 +236,12 @@ def _alloc_peak_mb(step: Callable[[], Any], device: torch.device) -> float | Non
 def timed(step: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
     """Wall seconds of one step and its peak-RSS rise in MB (CPU; None where unavailable)."""
     gc.collect()
-    track = device.type == "cpu" and _reset_hwm()
-    before = _status_kb("VmRSS") if track else 0
+    track = device.type == "cpu" and reset_hwm()
+    before = status_kb("VmRSS") if track else 0
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    return seconds, (_status_kb("VmHWM") - before) / 1024 if track else None
+    return seconds, (status_kb("VmHWM") - before) / 1024 if track else None
 
 
 def _summary(runs: list[tuple[float, float | None]], alloc: float | None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ else:
 BASELINE = "kd"
 ORDER_LAST = ("no-kd", "teacher")
 BOOTSTRAP_SAMPLES = 10_000
+MIN_SEEDS_FOR_CI = 3  # a percentile bootstrap over fewer paired seeds is degenerate
 
 
 def primary_columns(board: pd.DataFrame, which: str) -> list[tuple[str, str]]:
@@ -131,10 +132,11 @@ def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:
             if not pairs:
                 continue
             d = 100 * np.asarray(pairs)
-            lo, hi = bootstrap_ci(d) if len(d) > 1 else (float("nan"), float("nan"))
-            mark = " *" if len(d) > 1 and (lo > 0 or hi < 0) else ""
+            enough = len(d) >= MIN_SEEDS_FOR_CI
+            lo, hi = bootstrap_ci(d) if enough else (float("nan"), float("nan"))
+            mark = " *" if enough and (lo > 0 or hi < 0) else ""
             rows.append({"Method": method, "Task": f"{task} {key}", "Δ vs kd": f"{d.mean():+.2f}{mark}",
-                         "95 % CI": f"[{lo:+.2f}, {hi:+.2f}]" if len(d) > 1 else "n=1",
+                         "95 % CI": f"[{lo:+.2f}, {hi:+.2f}]" if enough else f"n={len(d)} < {MIN_SEEDS_FOR_CI}",
                          "Seeds": len(d)})
     return pd.DataFrame(rows)
 
@@ -165,7 +167,8 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
             lines += [f"## Student `{student}` ({title})", "",
                       f"Teacher `{cfg.get('teacher', {}).get('name', '?')}` "
                       f"({cfg.get('teacher', {}).get('kind', '?')}); student: "
-                      + " ".join(f"{k}={v}" for k, v in cfg.get("student_model", {}).items()) + ".", "",
+                      + " ".join(f"{k}={v}" for k, v in cfg.get("student_model", {}).items() if v not in ("", {}, None))
+                      + ".", "",
                       table.to_markdown(index=False, disable_numparse=True), ""]
             lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
             if which == "best":

@@ -18,6 +18,7 @@ import torch
 from kdbench.errors import NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.loop import Loop, LoopState, generator, save_path, seed_for
+from kdbench.memory import peak_mb, reset_peak
 from kdbench.results import new_result
 
 if TYPE_CHECKING:
@@ -86,8 +87,7 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     teacher = teacher_kind.build(task.num_labels, init_gen)
     data = prepare_data(task, tokenizer=teacher.tokenizer, cache_dir=ctx.cache_dir / "data")
     result["data"] = data.info
-    if torch.cuda.is_available() and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         if metrics:
@@ -98,7 +98,7 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     result["teacher"] = teacher_record
     if spec.is_teacher:
         result.update(status="ok", metrics=teacher_record["metrics"],
-                      wall_s=time.perf_counter() - t_start)
+                      protocol=teacher_record.get("protocol", {}), wall_s=time.perf_counter() - t_start)
         result["extra"]["cached_teacher"] = teacher_record.get("cached", False)
         result["throughput"] = teacher_record.get("throughput", {})
         return result
@@ -118,7 +118,7 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
                            params={"teacher": teacher.num_parameters(), "student": student.num_parameters()})
     result["seeds"] = seeds
     result["throughput"] = throughput(state, student, teacher, data, rule, cache_ok, device)
-    result["peak_memory_mb"] = peak_memory_mb(device)
+    result["peak_memory_mb"] = peak_mb(device)
     save_path(ctx.cache_dir, spec.run_id).unlink(missing_ok=True)
     return result
 
@@ -165,7 +165,8 @@ def throughput(state: LoopState, student: Any, teacher: Any, data: Any, rule: An
     """Samples/s over training time and model FLOPs utilisation (when the peak is known)."""
     sps = state.samples / state.train_seconds if state.train_seconds else 0.0
     out = {"samples_per_s": sps, "train_s": state.train_seconds}
-    seq = int(data.info.get("mean_tokens", 128) or 128)
+    lengths = data.info.get("token_lengths", {}).get("train", {})
+    seq = max(1, round(lengths.get("mean", 128)))  # FLOPs scale with real tokens (dynamic padding)
     try:
         fs, ft = student.flops_per_example(seq), teacher.flops_per_example(seq)
     except NotImplementedError:
@@ -193,15 +194,6 @@ def device_peak_flops(device: torch.device) -> float:
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated device memory (CUDA), else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save_checkpoint(loop: Loop, path: Path) -> None:
