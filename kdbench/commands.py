@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
 
 
-def render(host: Host, results_dir: Path, suite: str) -> str:
+def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) -> str:
     """Render the markdown for one results directory."""
     from kdbench import __version__
     from kdbench.results import load_results
@@ -116,13 +117,18 @@ def render(host: Host, results_dir: Path, suite: str) -> str:
     meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
             "description": info.get("description", ""), "budget": info.get("budget", ""),
             "reference": info.get("reference", [])}
+    if plot is not None:
+        from kdbench.leaderboard import plot_cost
+
+        if plot_cost(board, suite, str(plot)):
+            meta["plot"] = plot.name
     return host.render_leaderboard(board, suite, meta)
 
 
 def write_leaderboard(host: Host, results_dir: Path, out: Path, suite: str) -> Path:
     """Render and write ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(host, results_dir, suite), encoding="utf-8")
+    out.write_text(render(host, results_dir, suite, out.with_suffix(".png")), encoding="utf-8")
     return out
 
 
@@ -136,7 +142,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     stale = []
     for d in dirs:
         target = out_dir / f"{d.name}.md"
-        text = render(host, d, d.name)
+        png = target.with_suffix(".png")
+        text = render(host, d, d.name, None if args.check else png)
+        if args.check and png.exists():  # the table references the committed plot
+            text = render(host, d, d.name, Path(tempfile.mkdtemp()) / png.name)
         if args.check:
             if not target.exists() or target.read_text(encoding="utf-8") != text:
                 stale.append(str(target))

@@ -51,7 +51,7 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
     gamma: float = 0.1  # multistep factor
     grad_clip: float = 1.0  # max grad norm; 0 = off
-    select: str = ""  # split that selects the best epoch; "" = the task's first eval split
+    select: str = ""  # split that selects the best epoch: "" = the task's first eval split, or "quiz"
     log_every: int = 50  # steps between kdbench_log_metrics calls
     max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke tests
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -40,7 +40,9 @@ def primary_columns(board: pd.DataFrame, which: str) -> list[tuple[str, str]]:
         r = rows.iloc[0]["result"]
         prim = r.get("protocol", {}).get("selection", "").split("/", 1)[-1]
         keys = sorted({k for res in rows["result"] for k in (res["metrics"].get(which) or {})})
-        picked = [k for k in keys if k.split("/", 1)[-1] == prim] or keys[:1]
+        sel_split = r.get("protocol", {}).get("selection", "").split("/", 1)[0]
+        reported = [k for k in keys if not (k.startswith("quiz/") and sel_split == "quiz")]
+        picked = [k for k in reported if k.split("/", 1)[-1] == prim] or reported[:1]
         cols += [(task, k) for k in picked]
     return cols
 
@@ -178,6 +180,8 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
                               f"bootstrap 95 % CI over seeds, {BOOTSTRAP_SAMPLES} resamples; * = the "
                               "interval excludes 0):", "",
                               paired.to_markdown(index=False, disable_numparse=True), ""]
+    if meta.get("plot"):
+        lines += ["## Score against training cost", "", f"![{suite}: score vs training cost]({meta['plot']})", ""]
     lines += reference_section(meta.get("reference") or [])
     return "\n".join(lines).rstrip() + "\n"
 
@@ -196,6 +200,41 @@ def reference_section(refs: list[Mapping[str, Any]]) -> list[str]:
         state = "verified from the source" if r.get("verified") else "UNVERIFIED: see the source"
         out.append(f"[{chr(97 + i)}] {r.get('source', '?')} ({state})")
     return [*out, ""]
+
+
+def plot_cost(board: pd.DataFrame, suite: str, path: str) -> bool:
+    """Primary metric (best epoch, mean over seeds) against training seconds per cell, one marker
+    per method and task; saved as PNG. False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = board[(board["status"] == "ok") & (board["method"] != "teacher")]
+    points = []
+    for (method, task), rows in ok.groupby(["method", "task"]):
+        key = rows.iloc[0]["result"].get("protocol", {}).get("selection", "")
+        vals = [v for res in rows["result"] if (v := _value(res, "best", key)) is not None]
+        secs = rows["train_s"].dropna()
+        if vals and not secs.empty:
+            points.append((method, task, float(secs.mean()), 100 * float(np.mean(vals))))
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tasks = sorted({p[1] for p in points})
+    for method in sorted({p[0] for p in points}):
+        mine = [p for p in points if p[0] == method]
+        ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=method,
+                   marker="os^Dvx+*<>ph"[sorted({q[0] for q in points}).index(method) % 12])
+    ax.set_xscale("log")
+    ax.set_xlabel("training time per cell (s, log scale)")
+    ax.set_ylabel("best-epoch primary metric (x100)")
+    ax.set_title(f"{suite}: score vs training cost ({', '.join(tasks)})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return True
 
 
 @hookimpl(trylast=True)

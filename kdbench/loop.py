@@ -164,9 +164,11 @@ def predict(model: KDModel, task: Task, split: TensorSplit, batch_size: int, dev
 
 def evaluate(model: KDModel, task: Task, data: TaskData, cfg: TrainConfig, device: torch.device,
              autocast: Callable[[], Any]) -> dict[str, float]:
-    """Metrics on every labelled eval split, keyed ``split/metric``."""
+    """Metrics on every labelled eval split (and the selection split, e.g. "quiz"), keyed
+    ``split/metric``."""
     scores: dict[str, float] = {}
-    for name in task.eval_splits:
+    names = list(task.eval_splits) + ([cfg.select] if cfg.select and cfg.select not in task.eval_splits else [])
+    for name in names:
         split = data.splits[name]
         preds = predict(model, task, split, cfg.eval_batch_size, device, autocast)
         for metric, value in task.compute_metrics(preds, split.tensors["labels"], name).items():

@@ -191,6 +191,10 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
         teacher_train = _train_config(suite, "teacher_train", {}, method_name, []) if any(
             section(raw, "method", method_name, "teacher_train") for raw in suite.layers()) else generic_teacher_train
         for task_name, task_cls in tasks.items():
+            for key, tcfg_ in (("train", train), ("teacher_train", teacher_train)):
+                if tcfg_.select and tcfg_.select not in (*task_cls.eval_splits, "quiz"):
+                    problems.append(f"[{key}] select={tcfg_.select!r}: task {task_name!r} has no such split; "
+                                    f"use one of {', '.join((*task_cls.eval_splits, 'quiz'))}")
             task = task_cls(task_cfgs[task_name])
             reason = loss_cls.check(task) or rule_cls.check(task) or ""
             if not reason and rule_cls.needs_quiz and not getattr(task_cfgs[task_name], "quiz_fraction", 0):

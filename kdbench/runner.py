@@ -101,11 +101,12 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
                       protocol=teacher_record.get("protocol", {}), wall_s=time.perf_counter() - t_start)
         result["extra"]["cached_teacher"] = teacher_record.get("cached", False)
         result["throughput"] = teacher_record.get("throughput", {})
+        result["peak_memory_mb"] = peak_mb(device)
         return result
 
     seeds = seed_global(spec.seed)
     try:  # a component may find the cell not applicable (shapes, widths, domains)
-        loop, resumed, cache_ok, student, rule = _build_loop(spec, ctx, task, teacher_kind, teacher,
+        loop, resumed, cache_ok, student = _build_loop(spec, ctx, task, teacher_kind, teacher,
                                                              init_gen, data, device, log)
         state = loop.run()
     except NotApplicable as exc:
@@ -117,7 +118,7 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     result["extra"].update(resumed_from_step=resumed, teacher_cache=cache_ok,
                            params={"teacher": teacher.num_parameters(), "student": student.num_parameters()})
     result["seeds"] = seeds
-    result["throughput"] = throughput(state, student, teacher, data, rule, cache_ok, device)
+    result["throughput"] = throughput(state, student, teacher, data, cache_ok, device)
     result["peak_memory_mb"] = peak_mb(device)
     save_path(ctx.cache_dir, spec.run_id).unlink(missing_ok=True)
     return result
@@ -149,7 +150,7 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
                 checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash,
                 desc=f"{spec.method} {spec.task} s{spec.seed}")
     resumed = load_checkpoint(loop, ckpt)
-    return loop, resumed, cache_ok, student, rule
+    return loop, resumed, cache_ok, student
 
 
 def _fill_metrics(result: dict[str, Any], loop: Loop, state: LoopState) -> None:
@@ -160,7 +161,7 @@ def _fill_metrics(result: dict[str, Any], loop: Loop, state: LoopState) -> None:
     result["history"] = state.history
 
 
-def throughput(state: LoopState, student: Any, teacher: Any, data: Any, rule: Any, cached: bool,
+def throughput(state: LoopState, student: Any, teacher: Any, data: Any, cached: bool,
                device: torch.device) -> dict[str, float]:
     """Samples/s over training time and model FLOPs utilisation (when the peak is known)."""
     sps = state.samples / state.train_seconds if state.train_seconds else 0.0

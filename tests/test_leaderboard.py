@@ -21,7 +21,7 @@ def fake_result(method, task, seed, value, status="ok", reason="", student="s1")
         "metrics": {"best": {metric: value}, "last": {metric: value - 0.01}} if status == "ok" else {},
         "protocol": {"selection": metric, "best_epoch": 1}, "config": {"teacher": {"name": "t1", "kind": "tiny-bert"},
                                                                       "student_model": {"kind": "pick-layers"}},
-        "wall_s": 10.0 + seed, "peak_memory_mb": 100.0, "throughput": {"samples_per_s": 50.0 + seed},
+        "wall_s": 10.0 + seed, "peak_memory_mb": 100.0, "throughput": {"samples_per_s": 50.0 + seed, "train_s": 5.0 * (1 + seed)},
         "extra": {}, "suite_info": {"description": "golden fixture"},
     }
 
@@ -76,3 +76,12 @@ def test_bootstrap_interval():
 
 def test_load_results_frame(board):
     assert len(board) == 24 and {"best.dev/accuracy", "status", "seed"} <= set(board.columns)
+
+
+def test_cost_plot_written_and_embedded(board, tmp_path):
+    from kdbench.leaderboard import plot_cost
+
+    png = tmp_path / "golden.png"
+    assert plot_cost(board, "golden", str(png)) and png.read_bytes()[:4] == b"\x89PNG"
+    text = render_markdown(board, "golden", {"source": "x", "plot": png.name})
+    assert "![golden: score vs training cost](golden.png)" in text

@@ -50,3 +50,9 @@ def test_regression_stsb(host, run_tiny, method, shared_dir):
         return
     assert r["status"] == "ok", r.get("reason")
     assert {"dev/pearson", "dev/spearmanr"} <= set(r["metrics"]["best"])
+
+
+def test_best_epoch_selected_on_quiz_split(host, run_tiny):
+    r = run_tiny(host, "kd", "toy/digits", steps=4, overrides=["train.select=quiz"])
+    assert r["status"] == "ok" and r["protocol"]["selection"] == "quiz/accuracy"
+    assert {"quiz/accuracy", "dev/accuracy"} <= set(r["metrics"]["best"])

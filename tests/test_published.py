@@ -1,0 +1,19 @@
+"""The committed leaderboards are exactly what their committed result files render to."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_leaderboards_are_generated():
+    if not any((REPO / "leaderboards" / "results").glob("*/*.json")):
+        pytest.skip("no published results in this checkout")
+    done = subprocess.run([sys.executable, "-m", "kdbench", "leaderboard", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
