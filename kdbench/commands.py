@@ -11,7 +11,7 @@ from typing import Any
 
 from kdbench.bench import cmd_bench  # noqa: F401 - dispatched as cmd_<command>
 from kdbench.cli import default_cache_dir, make_host, print_json
-from kdbench.config import Suite, as_dict, load_suite, parse_value
+from kdbench.config import Suite, as_dict, build_config, load_suite, parse_value
 from kdbench.errors import ConfigError, ExitCode, KdbenchError
 from kdbench.manager import Host
 
@@ -62,12 +62,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdbench.executors import HostArgs, MatrixContext, pending
 
     host, suite, cells = plan(args)
-    if args.dry_run:
-        print_plan(cells)
-        return int(ExitCode.OK)
     if not cells:
         print("kdbench: nothing to run: the plan is empty", file=sys.stderr)
         return int(ExitCode.NOTHING_TO_RUN)
+    executor_cls = host.executors.get(args.executor)
+    problems: list[str] = []
+    opts = dict(kv.partition("=")[::2] for kv in args.executor_opt)
+    ecfg = build_config(executor_cls.Config, [{k: parse_value(v) for k, v in opts.items()}],
+                        f"--executor-opt ({args.executor})", problems)
+    if problems:
+        raise ConfigError(problems)
+    if args.dry_run:
+        print_plan(cells)
+        return int(ExitCode.OK)
     out_dir = Path(args.out_dir)
     results_dir = Path(args.results_dir) if args.results_dir else out_dir / "results" / suite.name
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -79,15 +86,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     todo = pending(cells, results_dir, args.retry_failed)
     print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
           f"{len(todo)} to run -> {results_dir}", file=sys.stderr)
-    executor_cls = host.executors.get(args.executor)
-    from kdbench.config import build_config
-
-    problems: list[str] = []
-    opts = dict(kv.partition("=")[::2] for kv in args.executor_opt)
-    ecfg = build_config(executor_cls.Config, [{k: parse_value(v) for k, v in opts.items()}],
-                        f"--executor-opt ({args.executor})", problems)
-    if problems:
-        raise ConfigError(problems)
     failed = 0
     from tqdm import tqdm
 
