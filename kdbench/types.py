@@ -151,8 +151,9 @@ class Task:
     eval_splits: ClassVar[tuple[str, ...]] = ("dev",)
     Config: ClassVar[type] = NoConfig
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg if cfg is not None else self.Config()  # defaults when built without options
+        self.load_info = {}
 
     @property
     def is_regression(self) -> bool:

@@ -189,10 +189,6 @@ class AmazonTask(Task):
     Config = AmazonConfig
     domain: ClassVar[str]
 
-    def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg if cfg is not None else AmazonConfig())
-        self.load_info: dict[str, Any] = {}
-
     def _root(self) -> Path:
         cfg = self.cfg
         if cfg.source not in self.sources:

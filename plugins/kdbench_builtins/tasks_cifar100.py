@@ -147,10 +147,6 @@ class Cifar100(Task):
     augments = True
     Config = Cifar100Config
 
-    def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg if cfg is not None else Cifar100Config())
-        self.load_info: dict[str, Any] = {}
-
     def load(self) -> dict[str, datasets.Dataset]:
         """train and test as Datasets with ``image`` (3, 32, 32) uint8 and ``label``."""
         cfg = self.cfg

@@ -106,10 +106,6 @@ class GlueTask(Task):
     #: label strings written to GLUE-server submissions (None: the id)
     submit_labels: ClassVar[tuple[str, ...] | None] = None
 
-    def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg if cfg is not None else GlueConfig())
-        self.load_info: dict[str, Any] = {}
-
     # -- loading ------------------------------------------------------------------------------
 
     def load(self) -> dict[str, datasets.Dataset]:

@@ -48,10 +48,6 @@ class Digits(Task):
     Config = DigitsConfig
     SPLIT_SEED = 0  # fixed: the dev split never changes
 
-    def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg if cfg is not None else DigitsConfig())
-        self.load_info: dict[str, Any] = {}
-
     def load(self) -> dict[str, datasets.Dataset]:
         """train (1,438) and dev (359) with ``image`` (3, 16, 16) uint8."""
         from sklearn.datasets import load_digits
@@ -140,10 +136,6 @@ class Reviews(Task):
     domains = REVIEW_DOMAINS
     sources = ("generated",)
     Config = ReviewsConfig
-
-    def __init__(self, cfg: Any = None) -> None:
-        super().__init__(cfg if cfg is not None else ReviewsConfig())
-        self.load_info: dict[str, Any] = {}
 
     def load(self) -> dict[str, datasets.Dataset]:
         """train/dev/test of the target domain and the all-domain "meta_train"."""
