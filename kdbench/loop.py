@@ -242,6 +242,7 @@ class Loop:
         named = list(self.student.named_parameters()) + [
             (f"loss.{n}", p) for n, p in self.loss.named_parameters()]
         self.opt = make_optimizer([p for _, p in named], named, self.cfg, self.device)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]  # clipped every step
         self.sched = make_scheduler(self.opt, self.cfg, self.steps_per_epoch, self.total_steps)
         self.aug_gen = generator(seed_for(self.seed, "augment"), self.device)
         self.rule_gen = generator(seed_for(self.seed, "rule"), self.device)
@@ -289,8 +290,7 @@ class Loop:
             total.backward()  # type: ignore[union-attr]
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0) + v.detach().float() * scale
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
         self.opt.step()
         self.sched.step()
         out = {f"loss/{k}": v for k, v in terms_sum.items()}
