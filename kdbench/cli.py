@@ -77,10 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--check", action="store_true", help="fail if a committed file differs from a fresh render")
     pl = sub.add_parser("plugins", parents=[common], help="JSON list of plugins and their hooks")
     pl.add_argument("--hook", help="only plugins implementing this hook")
-    from kdbench.bench import add_bench_parser
-
     add_bench_parser(sub, [common])
     return parser
+
+
+def add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """The ``kdbench bench`` subcommand's arguments."""
+    p = sub.add_parser("bench", parents=parents, help="per-step cost of every method; runner overhead")
+    p.add_argument("--teacher", default="minilm", choices=["minilm", "tiny"],
+                   help="minilm: ../shared/hf MiniLM-L6 + 2-layer student (falls back to tiny)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--methods", help="comma-separated subset (method names or row labels)")
+    p.add_argument("--overhead", action="store_true", help="benchmark runner overhead instead")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the rows as JSON")
+    return p
 
 
 def make_host(args: argparse.Namespace) -> Host:
@@ -99,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
     debug = args.traceback or os.environ.get("KDBENCH_DEBUG", "") not in ("", "0")
+    if args.command == "ls" and args.what != "suites":
+        from kdbench import lscache
+
+        listing = lscache.lookup(default_cache_dir(), args)
+        if listing is not None:  # warm: no plugin (and no torch) import
+            sys.stdout.write(listing)
+            return int(ExitCode.OK)
     try:
         from kdbench import commands
 

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdbench.bench import cmd_bench  # noqa: F401 - dispatched as cmd_<command>
 from kdbench.cli import default_cache_dir, make_host, print_json
 from kdbench.config import Suite, as_dict, build_config, load_suite, parse_value
 from kdbench.errors import ConfigError, ExitCode, KdbenchError
@@ -102,6 +101,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
 
 
+def _suite_info(result: dict[str, Any]) -> dict[str, Any]:
+    """Description, budget and reference rows for a table header: from the shipped suite file
+    when the results came from a built-in suite (so an edited budget or reference shows without
+    rerunning cells), else as recorded in the result."""
+    from kdbench.config import builtin_suites
+
+    info = result.get("suite_info", {})
+    shipped = builtin_suites().get(str(result.get("suite")))
+    if shipped is None or Path(info.get("path", "")).name != shipped.name:
+        return info
+    suite = load_suite(str(shipped))
+    return {"description": suite.description, "budget": suite.budget, "reference": suite.reference}
+
+
 def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) -> str:
     """Render the markdown for one results directory."""
     from kdbench import __version__
@@ -110,8 +123,7 @@ def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) 
     board = load_results(results_dir)
     if board.empty:
         raise KdbenchError(f"no result files under {results_dir}. Hint: run `kdbench run --suite {suite}` first")
-    first = board.iloc[0]["result"]
-    info = first.get("suite_info", {})
+    info = _suite_info(board.iloc[0]["result"])
     meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
             "description": info.get("description", ""), "budget": info.get("budget", ""),
             "reference": info.get("reference", [])}
@@ -203,13 +215,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for name, path in sorted(builtin_suites().items()):
             print(f"{name:20s} {path}")
         return int(ExitCode.OK)
+    from kdbench import lscache
+
     host = make_host(args)
     if args.what == "plugins":
         rows = [{"plugin": n, "version": v} for n, v in sorted(host.plugin_versions().items())]
     else:
         rows = _component_rows(host, args.what.replace("-", "_"))
-    print(tabulate(rows, headers="keys", disable_numparse=True) if rows else "(none)")
+    text = (tabulate(rows, headers="keys", disable_numparse=True) if rows else "(none)") + "\n"
+    sys.stdout.write(text)
+    lscache.store(default_cache_dir(), args, text)
     return int(ExitCode.OK)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``kdbench bench``: see :mod:`kdbench.bench`."""
+    from kdbench import bench
+
+    return bench.cmd_bench(args)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -61,6 +61,7 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 = torch's default
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
     oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
+    length_bucketing: int = 0  # text: sort by length within windows of this many batches; 0 = off
 
 
 #: TrainConfig fields that change how a cell executes, not what it computes: left out of run ids
@@ -69,9 +70,16 @@ EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every"
                             "micro_batch_size"})
 
 
+#: fields added after the first published results: left out of run ids while at their default,
+#: so results computed before they existed keep their ids
+_LATER_FIELDS = {"length_bucketing": 0}
+_UNSET = object()
+
+
 def train_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that determine a result."""
-    return {k: v for k, v in as_dict(cfg).items() if k not in EXECUTION_ONLY}
+    return {k: v for k, v in as_dict(cfg).items()
+            if k not in EXECUTION_ONLY and _LATER_FIELDS.get(k, _UNSET) != v}
 
 
 @dataclass

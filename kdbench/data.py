@@ -17,15 +17,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import Tensor
 
 from kdbench.errors import DataError
 from kdbench.types import Batch, Task
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 _CHUNK = 2048  # examples per tokenizer call
@@ -102,6 +104,27 @@ class TensorSplit:
             yield Batch(inputs, _take(self.tensors["labels"], lo, hi, sel),
                         _take(self.tensors["index"], lo, hi, sel),
                         _take(dom, lo, hi, sel) if dom is not None else None)
+
+    def bucketed(self, order: Tensor, batch_size: int, window: int, gen: torch.Generator) -> Tensor:
+        """``order`` rearranged so that batches hold sequences of similar length.
+
+        Each run of ``window`` batches of ``order`` is sorted by real length and cut into batches;
+        the full batches of the whole pass are then shuffled with ``gen`` (a final incomplete batch
+        stays last). A pure function of its arguments, so a resumed epoch sees the same batches.
+        Splits without an attention mask (images) keep ``order``.
+        """
+        if self._lengths is None or window < 1:
+            return order
+        span = window * batch_size
+        order = order.cpu()
+        lens = self._lengths[order]
+        chunks = [order[lo:lo + span][torch.argsort(lens[lo:lo + span], stable=True)]
+                  for lo in range(0, order.numel(), span)]
+        flat = torch.cat(chunks)
+        full = flat.numel() // batch_size * batch_size
+        rows = flat[:full].view(-1, batch_size)  # (num_full_batches, batch_size)
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+        return torch.cat([rows.reshape(-1), flat[full:]])
 
     def subset(self, idx: Tensor, name: str) -> TensorSplit:
         """Rows ``idx`` as a new split; ``index`` becomes arange and padding is re-trimmed."""
@@ -187,6 +210,7 @@ def _arrow(ds: Any) -> pa.Table:
 
 def _images(ds: Any) -> np.ndarray:
     """The ``image`` column as (N, 3, H, W) uint8, straight from the Arrow buffers."""
+    import pyarrow as pa  # here, not at module import: keeps `kdbench ls` light
     col = _arrow(ds).column("image")
     flat = []
     for chunk in col.chunks:
@@ -200,6 +224,7 @@ def _images(ds: Any) -> np.ndarray:
 
 
 def _hash_split(h: Any, name: str, ds: Any) -> None:
+    import pyarrow as pa  # here, not at module import: keeps `kdbench ls` light
     table = _arrow(ds)
     h.update(f"\x00split:{name}:{len(ds)}".encode())
     for col in sorted(table.column_names):
@@ -255,6 +280,7 @@ def _validate(task: Task, raw: dict[str, Any], load_info: dict[str, Any]) -> Non
 
 def _tokenize(tokenizer: Any, ds: Any, rows: np.ndarray, max_len: int) -> dict[str, Tensor]:
     """Tokenise rows ``rows`` of ``ds`` as ``[CLS] a [SEP] b [SEP]`` -> (N, T) int64 tensors."""
+    import pyarrow as pa  # here, not at module import: keeps `kdbench ls` light
     table = _arrow(ds).take(pa.array(rows, pa.int64()))
     a = table.column("text_a").to_pylist()
     b = table.column("text_b").to_pylist() if "text_b" in table.column_names else None

@@ -8,7 +8,10 @@ gradient accumulation) up to ``train.oom_retries`` times — so one cell never s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -99,20 +102,76 @@ def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) 
     return result
 
 
+def _status(results_dir: Path, run_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(status, result) of a cell's result file; (None, None) when absent, "corrupt" when unreadable."""
+    path = result_path(results_dir, run_id)
+    if not path.exists():
+        return None, None
+    try:
+        result = read_result(path)
+    except Exception:
+        return "corrupt", None
+    return result["status"], result
+
+
+def _final_result(results_dir: Path, run_id: str) -> dict[str, Any] | None:
+    status, result = _status(results_dir, run_id)
+    return result if status in FINAL else None
+
+
 def pending(specs: Sequence[CellSpec], results_dir: Path, retry_failed: bool) -> list[CellSpec]:
     """Cells without a final result (and failed ones when ``retry_failed``)."""
     todo = []
     for spec in specs:
-        path = result_path(results_dir, spec.run_id)
-        if path.exists():
-            try:
-                status = read_result(path)["status"]
-            except Exception:
-                status = "corrupt"
-            if status in FINAL or (status == "failed" and not retry_failed):
-                continue
+        status, _ = _status(results_dir, spec.run_id)
+        if status in FINAL or (status == "failed" and not retry_failed):
+            continue
         todo.append(spec)
     return todo
+
+
+def _holder(path: Path) -> str | None:
+    """Who holds the claim at ``path`` ("host pid"), or None when it is stale or unreadable."""
+    try:
+        host, _, pid = path.read_text().partition(" ")
+    except OSError:
+        return None
+    if host != socket.gethostname():
+        return f"{host} {pid}"  # liveness on another machine cannot be checked: respect the claim
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return f"{host} {pid}"
+
+
+@contextlib.contextmanager
+def claim(results_dir: Path, run_id: str) -> Iterator[str | None]:
+    """Claim a cell for this process so that two ``kdbench run`` processes sharing a results
+    directory never run it twice: ``<results_dir>/.claims/<run_id>`` holds "host pid". Yields None
+    when the claim is ours, else the holder. A claim left by a dead process on this host is taken
+    over; the file is removed when the cell ends."""
+    path = results_dir / ".claims" / run_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None:
+                yield holder
+                return
+            path.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}")
+        break
+    try:
+        yield None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 class Executor:
@@ -138,11 +197,26 @@ class LocalExecutor(Executor):
 
     def map(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
             on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
-        """Sequential, in plan order (teacher cells first)."""
+        """Sequential, in plan order (teacher cells first). A cell another live process has
+        claimed is passed over with status ``running`` (nothing written); one that another process
+        finished meanwhile yields that result."""
+        from kdbench.results import new_result
+
         for spec in specs:
-            if on_start:
-                on_start(spec)
-            yield execute_cell(spec, mctx, host)
+            with claim(mctx.results_dir, spec.run_id) as holder:
+                if holder is not None:
+                    result = new_result(spec)
+                    result.update(status="running", reason=f"claimed by {holder} (rerun later; if that process "
+                                                           f"is gone, delete {mctx.results_dir / '.claims' / spec.run_id})")
+                    yield result
+                    continue
+                done = _final_result(mctx.results_dir, spec.run_id)
+                if done is not None:  # another process finished it after this run was planned
+                    yield done
+                    continue
+                if on_start:
+                    on_start(spec)
+                yield execute_cell(spec, mctx, host)
 
 
 @hookimpl

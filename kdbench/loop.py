@@ -319,7 +319,10 @@ class Loop:
                    leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
         while st.epoch < cfg.epochs and not self._capped():
             self.loss.begin_epoch(st.epoch, cfg.epochs)
-            order = torch.randperm(len(self.train_split), generator=generator(seed_for(self.seed, "order", st.epoch)))
+            gen = generator(seed_for(self.seed, "order", st.epoch))
+            order = torch.randperm(len(self.train_split), generator=gen)
+            if cfg.length_bucketing:
+                order = self.train_split.bucketed(order, cfg.batch_size, cfg.length_bucketing, gen)
             t0 = time.perf_counter()
             for batch in self.train_split.batches(cfg.batch_size, order=order, start=st.batch_in_epoch):
                 batch = transform(self.task, batch, train=True, gen=self.aug_gen, device=self.device)

@@ -107,9 +107,16 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     """
     import pandas as pd
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], Path] = {}
     for path in sorted(Path(results_dir).rglob("*.json")):
         r = read_result(path)
+        cell = (r.get("method"), r.get("task"), r.get("student"), r.get("teacher_name"), r.get("seed"))
+        if cell in seen:
+            raise DataError(f"{path} and {seen[cell]} are the same cell (method {cell[0]}, task {cell[1]}, "
+                            f"seed {cell[4]}) run under two configurations. Hint: move the stale one out "
+                            f"of {results_dir} (its run id no longer matches the suite)")
+        seen[cell] = path
         row: dict[str, Any] = {k: r.get(k) for k in ("run_id", "suite", "method", "task", "student",
                                                        "teacher_name", "seed", "status", "reason",
                                                        "wall_s", "peak_memory_mb")}

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["KDBENCH_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+os.environ["KDBENCH_LS_CACHE"] = "0"  # tests/test_cli.py turns the listing cache on where tested
 
 pytest_plugins = ["kdbench.testing"]
 

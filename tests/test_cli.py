@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,48 @@ def test_ls_and_plugins(capsys):
     assert main(["plugins", "--hook", "kdbench_register_methods"]) == 0
     names = {p["name"] for p in json.loads(capsys.readouterr().out)}
     assert "kdbench_builtins.metadistil" in names
+
+
+LS_PROBE = ("import sys; from kdbench.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
+RULE = """import kdbench
+
+@kdbench.hookimpl
+def kdbench_register_methods(register):
+    register(kdbench.Method("{name}", teacher_update="frozen", loss="kd"))
+"""
+
+
+def test_ls_listing_cache_skips_torch_and_follows_plugin_edits(tmp_path):
+    env = {**os.environ, "KDBENCH_CACHE": str(tmp_path / "cache"), "KDBENCH_LS_CACHE": "1"}
+    plugin = tmp_path / "myrule.py"
+    plugin.write_text(RULE.format(name="first-name"))
+
+    def ls(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", LS_PROBE, "-p", str(plugin), "ls", *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cold, warm = ls(), ls()
+    assert "first-name" in cold and "torch imported: True" in cold
+    assert warm.replace("False", "True") == cold and "torch imported: False" in warm
+    assert "glue/sst2" in ls("tasks")  # each listing has its own entry
+    plugin.write_text(RULE.format(name="second-name-longer"))  # an edited plugin is a new key
+    edited = ls()
+    assert "second-name-longer" in edited and "first-name" not in edited
+    assert "torch imported: True" in edited
+    env["KDBENCH_LS_CACHE"] = "0"
+    assert "torch imported: True" in ls()
+
+
+def test_public_api_resolves_lazily():
+    import kdbench
+
+    assert sorted(kdbench.__all__) == sorted([*kdbench._HOME, "__version__"])
+    assert all(getattr(kdbench, name) is not None for name in kdbench.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Tsk'"):
+        kdbench.Tsk  # noqa: B018
 
 
 def test_bad_plugin_exit_code(tmp_path, capsys):

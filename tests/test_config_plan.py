@@ -86,6 +86,10 @@ def test_run_ids_stable_and_sensitive(host, tmp_path):
     c = [c.run_id for c in expand(load_suite(path, ["loss.fake-kd.alpha=0.1"]), host)]
     assert a != c
     assert a[4].startswith(("fkd__fake-text__small__s0__", "fkd__fake-text__small__s1__"))
+    # fields added later keep old ids at their default, and change them otherwise
+    assert [c.run_id for c in expand(load_suite(path, ["train.length_bucketing=0"]), host)] == a
+    d = [c.run_id for c in expand(load_suite(path, ["train.length_bucketing=8"]), host)]
+    assert len(set(a) & set(d)) == 4  # only the teacher cells keep theirs
 
 
 def test_all_errors_at_once(host, tmp_path):

@@ -101,6 +101,29 @@ def test_batches_order_and_resume() -> None:
         next(s.batches(2, order=torch.tensor([0, 1, 2])))
 
 
+def padded_tokens(s: TensorSplit, order: torch.Tensor, batch_size: int) -> int:
+    return sum(b.inputs["input_ids"].numel() for b in s.batches(batch_size, order=order))
+
+
+def test_length_bucketing_groups_similar_lengths_deterministically() -> None:
+    lengths = torch.randint(1, 65, (203,), generator=torch.Generator().manual_seed(1)).tolist()
+    s = make_split(lengths, width=64)
+    order = torch.randperm(203, generator=torch.Generator().manual_seed(2))
+    out = s.bucketed(order, 8, 5, torch.Generator().manual_seed(3))
+    assert sorted(out.tolist()) == list(range(203))  # still a permutation
+    assert padded_tokens(s, out, 8) < 0.75 * padded_tokens(s, order, 8)
+    assert torch.equal(out, s.bucketed(order, 8, 5, torch.Generator().manual_seed(3)))  # pure
+    assert not torch.equal(out, s.bucketed(order, 8, 5, torch.Generator().manual_seed(4)))
+    assert set(out[-3:].tolist()) <= set(order[200:].tolist())  # the 3-row remainder stays last
+    # each window of 5 batches holds the same rows as before, only regrouped
+    first = set(order[:40].tolist())
+    assert sum(set(b) <= first for b in out[:200].view(-1, 8).tolist()) == 5
+    assert torch.equal(s.bucketed(order, 8, 0, torch.Generator()), order)  # 0 = off
+    image = TensorSplit("train", {"pixel_values": torch.zeros(4, 3, 2, 2), "labels": torch.zeros(4),
+                                  "index": torch.arange(4)}, ("pixel_values",))
+    assert torch.equal(image.bucketed(order[:4] % 4, 2, 5, torch.Generator()), order[:4] % 4)
+
+
 def test_subset_reindexes_and_trims() -> None:
     s = make_split([2, 3, 6, 1, 4])
     sub = s.subset(torch.tensor([4, 0]), "quiz")

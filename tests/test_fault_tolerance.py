@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ from kdbench.config import load_suite
 from kdbench.errors import ExitCode
 from kdbench.executors import LocalExecutor, MatrixContext, pending
 from kdbench.hookspecs import hookimpl
-from kdbench.manager import Host
+from kdbench.manager import Host, make_plugin_manager
 from kdbench.plan import expand
 from kdbench.results import load_results, read_result
 from kdbench.testing import tiny_suite
@@ -252,6 +253,34 @@ def test_failed_cell_is_skipped_unless_retry_failed(tmp_path: Path, plugin: Path
             assert (results / name).read_bytes() == data
 
 
+def test_cell_claimed_by_a_live_process_is_passed_over(tmp_path: Path, plugin: Path, shared_cache: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    suite = write_suite(tmp_path / "s.toml", ["kd"], [0], baselines=True)
+    results = tmp_path / "res"
+    cells = expand(load_suite(str(suite)), Host(make_plugin_manager(autoload=False)))
+    kd = next(c for c in cells if c.method == "kd")
+    no_kd = next(c for c in cells if c.method == "no-kd")
+    claims = results / ".claims"
+    claims.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (claims / kd.run_id).write_text(f"{socket.gethostname()} {other.pid}")  # another live run
+        (claims / no_kd.run_id).write_text(f"{socket.gethostname()} {dead.pid}")  # left by a kill -9
+        assert run_cli(suite, results, shared_cache, plugin) == int(ExitCode.OK)
+        printed = capsys.readouterr()
+        assert f"running  {kd.run_id}  (claimed by {socket.gethostname()} {other.pid}" in printed.out + printed.err
+        done = results_by_method(results)
+        assert set(done) == {"teacher", "no-kd"} and done["no-kd"]["status"] == "ok"  # stale claim taken over
+        assert sorted(p.name for p in claims.iterdir()) == [kd.run_id]  # own claims removed
+    finally:
+        other.kill()
+        other.wait()
+    assert run_cli(suite, results, shared_cache, plugin) == int(ExitCode.OK)  # holder gone: runs now
+    assert results_by_method(results)["kd"]["status"] == "ok" and not any(claims.iterdir())
+
+
 # -- every teacher-update rule resumes exactly -------------------------------------------------
 
 
@@ -273,16 +302,17 @@ class InterruptAt:
             raise Interrupt
 
 
-@pytest.mark.parametrize("method", ["kd", "metadistil", "reptile-distil", "meta-kd"])
-def test_interrupted_cell_resumes_bit_identically(method: str, tmp_path: Path, shared_cache: Path,
-                                                  make_host: Callable[..., Host]) -> None:
+@pytest.mark.parametrize("method,extra", [("kd", []), ("kd", ["train.length_bucketing=2"]),
+                                          ("metadistil", []), ("reptile-distil", []), ("meta-kd", [])])
+def test_interrupted_cell_resumes_bit_identically(method: str, extra: list[str], tmp_path: Path,
+                                                  shared_cache: Path, make_host: Callable[..., Host]) -> None:
     interrupt = InterruptAt()
     host = make_host(interrupt)
     # 5 steps per epoch, 2 epochs; checkpoints at steps 3, 5 (epoch end), 6, 9; interrupted at 8
     suite = load_suite(str(tiny_suite(tmp_path / "s.toml", method, steps=0)), [
         "train.epochs=2", "train.max_steps=0", "train.log_every=2", "train.checkpoint_every=3",
         "teacher_train.max_steps=6", "task.toy/reviews.per_domain=200",
-        "task.toy/reviews.max_train_examples=96", "task.toy/reviews.quiz_fraction=0.2"])
+        "task.toy/reviews.max_train_examples=96", "task.toy/reviews.quiz_fraction=0.2", *extra])
     cells = expand(suite, host)
     ref = list(LocalExecutor(None).map(cells, MatrixContext(tmp_path / "ref", shared_cache), host))
     mctx = MatrixContext(tmp_path / "res", shared_cache)

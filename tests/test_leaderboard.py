@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from kdbench.errors import DataError
 from kdbench.leaderboard import bootstrap_ci, render_markdown
 from kdbench.results import SCHEMA_VERSION, load_results, write_result
 
@@ -76,6 +77,16 @@ def test_bootstrap_interval():
 
 def test_load_results_frame(board):
     assert len(board) == 24 and {"best.dev/accuracy", "status", "seed"} <= set(board.columns)
+
+
+def test_same_cell_under_two_configurations_is_refused(tmp_path):
+    stale = fake_result("kd", "glue/rte", 0, 0.6)
+    fresh = {**stale, "run_id": stale["run_id"].replace("__x", "__y")}
+    for r in (stale, fresh):
+        write_result(tmp_path / "r", r)
+    with pytest.raises(DataError, match=r"kd__glue-rte__s1__s0__y.json and .*__x.json are the same cell "
+                                        r"\(method kd, task glue/rte, seed 0\).*move the stale one out"):
+        load_results(tmp_path / "r")
 
 
 def test_cost_plot_written_and_embedded(board, tmp_path):

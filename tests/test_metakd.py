@@ -266,5 +266,7 @@ def test_meta_kd_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
                       overrides=["teacher_update.meta-kd.batch_size=64", "train.epochs=2"])
     assert result["status"] == "ok", result.get("reason")
     assert result["extra"]["last_metrics"]["prepare/meta/steps"] > 0 and math.isfinite(result["extra"]["last_metrics"]["prepare/meta/loss"])
+    teacher_scores = {k: v for k, v in result["extra"]["last_metrics"].items() if k.startswith("prepare/meta/teacher_")}
+    assert teacher_scores and all(0.0 <= v <= 1.0 for v in teacher_scores.values())  # the meta-teacher's own dev score
     # 2 epochs, capped at 6 steps: all in stage 1 (weighted hidden/attention/domain terms)
     assert {"loss/hidden", "loss/attention", "loss/domain"} <= set(result["extra"]["last_metrics"]) and "loss/kd" not in result["extra"]["last_metrics"]

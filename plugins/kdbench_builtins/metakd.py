@@ -239,7 +239,26 @@ class MetaKD(TeacherUpdate):
         ctx.teacher.eval()
         if isinstance(ctx.loss, MetaKDLoss):
             ctx.loss.attach(t_train.float(), self.head)
-        return {**metrics, "meta/score_mean": float(t_meta.mean()), "meta/score_min": float(t_meta.min())}
+        return {**metrics, **self._teacher_metrics(ctx),
+                "meta/score_mean": float(t_meta.mean()), "meta/score_min": float(t_meta.min())}
+
+    @staticmethod
+    def _teacher_metrics(ctx: StepContext) -> dict[str, float]:
+        """The meta-teacher's own scores on the task's labelled eval splits (is it worth distilling?)."""
+        out: dict[str, float] = {}
+        for name in ctx.task.eval_splits:
+            split = ctx.data.splits.get(name)
+            if split is None or not split.labels_known():
+                continue
+            preds = []
+            with torch.no_grad():
+                for batch in split.batches(int(ctx.train.eval_batch_size)):
+                    batch = batch.to(ctx.device)
+                    with _autocast(ctx):
+                        preds.append(ctx.teacher(batch.inputs).logits.argmax(-1).cpu())
+            scores = ctx.task.compute_metrics(torch.cat(preds), split.tensors["labels"].cpu(), name)
+            out.update({f"meta/teacher_{name}/{k}": float(v) for k, v in scores.items()})
+        return out
 
     def _train(self, ctx: StepContext, meta: Any, scores: Tensor) -> dict[str, float]:
         """Meta-teacher epochs on the meta split (prototype-weighted CE + corrupted-domain CE)."""

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kdbench.bench import overhead_phases, time_ls
 from kdbench.config import load_suite
 from kdbench.manager import Host, make_plugin_manager
@@ -81,11 +83,16 @@ def test_overhead_cold_process(benchmark) -> None:
     assert phases["status"] == "ok" and phases["cells"] > 0
 
 
-def test_kdbench_ls(benchmark) -> None:
-    """``kdbench ls`` as a user runs it (entry-point autoload on; target < 1 s)."""
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_kdbench_ls(benchmark, cache: str, tmp_path: Path) -> None:
+    """``kdbench ls`` as a user runs it (entry-point autoload on; target < 1 s): cold = the first
+    listing after a plugin change (every plugin and torch imported), warm = the listing cache."""
     benchmark.group = "runner-overhead"
     benchmark.extra_info["target_s"] = 1.0
     env = {k: v for k, v in os.environ.items() if k != "KDBENCH_DISABLE_PLUGIN_AUTOLOAD"}
+    env.update(KDBENCH_CACHE=str(tmp_path), KDBENCH_LS_CACHE="1" if cache == "warm" else "0")
+    if cache == "warm":
+        time_ls(env)  # fills the cache
     seconds, out = benchmark.pedantic(time_ls, args=(env,), rounds=ROUNDS, iterations=1)
     benchmark.extra_info["ls_s"] = seconds
     assert "metadistil" in out and "reptile-distil" in out
