@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -372,3 +373,17 @@ def test_registration() -> None:
     KDConfig(**by_name["metadistil"].defaults["loss"])  # defaults are valid loss options
     PKDConfig(**by_name["metadistil-pkd"].defaults["loss"])
     MetaDistilConfig(**by_name["metadistil"].defaults.get("teacher_update", {}))
+
+
+def test_frozen_teacher_metadistil_trains_exactly_like_kd(make_host: Any, run_tiny: Any) -> None:
+    """With teacher_lr=0 the pilot and quiz steps must leave no trace: same student as ``kd``
+    (a cached-teacher cell) to the last bit, so any gap between the two comes from the teacher moving."""
+    host = make_host()
+    common = ["train.epochs=2", "train.max_steps=0", "teacher_train.max_steps=30"]
+    kd = run_tiny(host, "kd", steps=0, overrides=common)
+    frozen = run_tiny(host, "metadistil", steps=0, overrides=[*common, "teacher_update.metadistil.teacher_lr=0.0"])
+    moving = run_tiny(host, "metadistil", steps=0, overrides=[*common, "teacher_update.metadistil.teacher_lr=1e-2"])
+    assert kd["status"] == frozen["status"] == moving["status"] == "ok"
+    assert frozen["history"] == kd["history"]
+    assert frozen["extra"]["last_metrics"]["loss/total"] == kd["extra"]["last_metrics"]["loss/total"]
+    assert moving["extra"]["last_metrics"]["loss/total"] != kd["extra"]["last_metrics"]["loss/total"]
