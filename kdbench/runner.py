@@ -207,6 +207,7 @@ def save_checkpoint(loop: Loop, path: Path) -> None:
         "loop": vars(loop.state), "aug_gen": loop.aug_gen.get_state(),
         "rule_gen": loop.rule_gen.get_state(), "torch_rng": torch.get_rng_state(),
         "quiz": loop.quiz.state_dict() if loop.quiz is not None else None,
+        "best_weights": loop.best_weights,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -241,6 +242,7 @@ def load_checkpoint(loop: Loop, path: Path) -> int:
     torch.set_rng_state(state["torch_rng"])
     if loop.quiz is not None and state["quiz"] is not None:
         loop.quiz.load_state_dict(state["quiz"])
+    loop.best_weights = state.get("best_weights")
     return loop.state.step
 
 

@@ -19,7 +19,7 @@ import torch
 
 from kdbench.checkpoints import CorruptCheckpoint, load_state, save_state
 from kdbench.config import as_dict, train_identity
-from kdbench.loop import Loop, seed_for
+from kdbench.loop import Loop, save_path, seed_for
 from kdbench.plan import config_hash
 from kdbench.types import TeacherUpdate
 
@@ -87,31 +87,37 @@ def get_or_train(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, d
                 return {**record, "cached": True}
             except (CorruptCheckpoint, KeyError, RuntimeError, json.JSONDecodeError):
                 path.unlink(missing_ok=True)  # rebuilt below
-        record = _fine_tune(spec, teacher, task, data, device, ctx, log)
+        record = _fine_tune(spec, key, teacher, task, data, device, ctx, log)
         record["key"] = key
         tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
         save_state(path, tensors, {"record": json.dumps(record)})
     return {**record, "cached": False}
 
 
-def _fine_tune(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, device: torch.device,
+def _fine_tune(spec: CellSpec, key: str, teacher: KDModel, task: Task, data: TaskData, device: torch.device,
                ctx: RunContext, log: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
     from dataclasses import replace
+
+    from kdbench.runner import load_checkpoint, save_checkpoint
 
     teacher.to(device)
     torch.manual_seed(seed_for(spec.seed, "teacher-global"))  # dropout draws from the global RNG
     ce = ctx.host.losses.get("ce")
     loss = ce(ce.Config(), task=task, teacher=None, student=teacher).to(device)
     on_device = replace(data, splits={k: v.to(device) for k, v in data.splits.items()})
+    ckpt = save_path(ctx.cache_dir, f"teacher-{key}")  # a killed fine-tuning resumes from here
     loop = Loop(task, on_device, teacher, None, loss, TeacherUpdate(None), spec.teacher_train,
                 spec.seed, device, lambda step, m: log(step, {f"teacher/{k}": v for k, v in m.items()}),
-                keep_best=True, desc=f"teacher {spec.task} s{spec.seed}")
+                checkpoint=lambda lp: save_checkpoint(lp, ckpt), keep_best=True,
+                desc=f"teacher {spec.task} s{spec.seed}")
+    resumed = load_checkpoint(loop, ckpt)
     state = loop.run()
     if loop.best_weights is not None:
         teacher.load_state_dict(loop.best_weights)
     last = {k: v for k, v in (state.history[-1] if state.history else {}).items() if k != "epoch"}
     sps = state.samples / state.train_seconds if state.train_seconds else 0.0
-    return {"metrics": {"best": state.best, "last": last},
+    ckpt.unlink(missing_ok=True)
+    return {"metrics": {"best": state.best, "last": last}, "resumed_from_step": resumed,
             "protocol": {"selection": loop.selection_key(), "best_epoch": state.best_epoch,
                          "epochs_run": len(state.history)},
             "throughput": {"samples_per_s": sps, "train_s": state.train_seconds},

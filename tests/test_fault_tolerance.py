@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from kdbench.checkpoints import load_state
 from kdbench.cli import main
 from kdbench.config import load_suite
 from kdbench.errors import ExitCode
@@ -329,6 +331,45 @@ def test_interrupted_cell_resumes_bit_identically(method: str, extra: list[str],
         assert got[key] == want[key], f"{method}: {key} differs after resume"
 
 
+class InterruptTeacherAt:
+    """Interrupt the first teacher fine-tuning once it has logged a training loss at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step: int | None = step
+
+    @hookimpl
+    def kdbench_log_metrics(self, spec: Any, step: int, metrics: Any) -> None:
+        if self.step is not None and spec.is_teacher and step >= self.step \
+                and any(k.startswith("teacher/loss/") for k in metrics):
+            self.step = None
+            raise Interrupt
+
+
+def test_interrupted_teacher_fine_tuning_resumes_bit_identically(tmp_path: Path,
+                                                                 make_host: Callable[..., Host]) -> None:
+    overrides = ["teacher_train.epochs=3", "teacher_train.max_steps=0", "teacher_train.log_every=2",
+                 "task.toy/reviews.per_domain=200", "task.toy/reviews.max_train_examples=96"]
+    host = make_host()
+    suite = load_suite(str(tiny_suite(tmp_path / "s.toml", "kd", steps=2)), overrides)
+    teacher_cell = [c for c in expand(suite, host) if c.is_teacher]
+    ref = list(LocalExecutor(None).map(teacher_cell, MatrixContext(tmp_path / "ref", tmp_path / "c1"), host))
+    interrupt = InterruptTeacherAt(8)  # 3 steps per epoch: two epochs checkpointed, then mid epoch 3
+    host = make_host(interrupt)
+    mctx = MatrixContext(tmp_path / "res", tmp_path / "c2")
+    with pytest.raises(Interrupt):
+        list(LocalExecutor(None).map(teacher_cell, mctx, host))
+    assert interrupt.step is None and list((tmp_path / "c2" / "checkpoints").glob("teacher-*.pt"))
+    out = list(LocalExecutor(None).map(teacher_cell, mctx, host))
+    assert out[0]["teacher"]["resumed_from_step"] == 6 and ref[0]["teacher"]["resumed_from_step"] == 0
+    for key in ("status", "metrics"):
+        assert out[0][key] == ref[0][key], f"teacher {key} differs after resume"
+    assert out[0]["teacher"]["protocol"] == ref[0]["teacher"]["protocol"]
+    assert not list((tmp_path / "c2" / "checkpoints").glob("teacher-*.pt"))  # removed when done
+    (want_w, _), (got_w, _) = (load_state(next((tmp_path / c / "teachers").glob("*.safetensors")))
+                               for c in ("c1", "c2"))
+    assert want_w.keys() == got_w.keys() and all(torch.equal(want_w[k], got_w[k]) for k in want_w)
+
+
 # -- kill -9 and resume -------------------------------------------------------------------------
 
 COMPARED = ("status", "metrics", "protocol", "history", "seeds", "method", "task", "seed", "config")
@@ -363,10 +404,10 @@ def _wait_for(proc: subprocess.Popen[bytes], ready: Any, timeout: float = 600.0)
     raise AssertionError("timed out waiting for the run to make progress")
 
 
-def _fresh_checkpoint(ckpt_dir: Path, since: float) -> Any:
+def _fresh_checkpoint(ckpt_dir: Path, since: float, pattern: str = "*.pt") -> Any:
     def ready() -> bool:
         try:
-            return any(p.stat().st_mtime >= since for p in ckpt_dir.glob("*.pt"))
+            return any(p.stat().st_mtime >= since for p in ckpt_dir.glob(pattern))
         except FileNotFoundError:  # renamed or deleted while listing
             return False
     return ready
@@ -400,8 +441,10 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path: Path) ->
             procs.append(proc)
             if attempt == 0:  # somewhere in planning, data preparation or teacher fine-tuning
                 ready = lambda: "to run ->" in log.read_text(errors="replace")  # noqa: E731
-            else:  # a moment after a method cell wrote a checkpoint: mid-epoch or at an epoch end
-                ready = _fresh_checkpoint(run_dir / "cache" / "checkpoints", t0)
+            else:  # a moment after a checkpoint (1: teacher fine-tuning or a method cell; 2: a method
+                # cell), mid-epoch or at an epoch end
+                ready = _fresh_checkpoint(run_dir / "cache" / "checkpoints", t0,
+                                          "*.pt" if attempt == 1 else "[!t]*.pt")
             if _wait_for(proc, ready):
                 time.sleep(rng.uniform(0.0, 1.0) if attempt == 0 else rng.uniform(0.0, 0.12))
                 proc.send_signal(signal.SIGKILL)
