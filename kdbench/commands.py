@@ -150,6 +150,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not dirs:
         raise KdbenchError(f"no results directories under {out_dir / 'results'}")
     stale = []
+    if not args.check:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for d in dirs:
         target = out_dir / f"{d.name}.md"
         png = target.with_suffix(".png")

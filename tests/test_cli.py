@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,14 @@ def test_bad_plugin_exit_code(tmp_path, capsys):
 
 def test_leaderboard_without_results(tmp_path, capsys):
     assert main(["leaderboard", "--out-dir", str(tmp_path)]) == ExitCode.USAGE_ERROR
+
+
+def test_leaderboard_into_a_new_directory(tmp_path, capsys):
+    results = Path(__file__).resolve().parents[1] / "leaderboards" / "results" / "quickstart"
+    out = tmp_path / "new" / "boards"
+    assert main(["leaderboard", str(results), "--out-dir", str(out)]) == 0
+    assert (out / "quickstart.md").read_text().startswith("<!-- generated")
+    assert (out / "quickstart.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_end_to_end_subprocess(tmp_path):
