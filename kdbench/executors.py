@@ -147,13 +147,9 @@ def _holder(path: Path) -> str | None:
     return f"{host} {pid}"
 
 
-@contextlib.contextmanager
-def claim(results_dir: Path, run_id: str) -> Iterator[str | None]:
-    """Claim a cell for this process so that two ``kdbench run`` processes sharing a results
-    directory never run it twice: ``<results_dir>/.claims/<run_id>`` holds "host pid". Yields None
-    when the claim is ours, else the holder. A claim left by a dead process on this host is taken
-    over; the file is removed when the cell ends."""
-    path = results_dir / ".claims" / run_id
+def try_claim(path: Path) -> str | None:
+    """Create the claim file ``path`` ("host pid") for this process: None when it is now ours,
+    else its live holder. A claim left by a dead process on this host is taken over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
@@ -161,13 +157,24 @@ def claim(results_dir: Path, run_id: str) -> Iterator[str | None]:
         except FileExistsError:
             holder = _holder(path)
             if holder is not None:
-                yield holder
-                return
+                return holder
             path.unlink(missing_ok=True)  # stale
             continue
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{socket.gethostname()} {os.getpid()}")
-        break
+        return None
+
+
+@contextlib.contextmanager
+def claim(results_dir: Path, run_id: str) -> Iterator[str | None]:
+    """Claim a cell for this process so that two ``kdbench run`` processes sharing a results
+    directory never run it twice: ``<results_dir>/.claims/<run_id>`` holds "host pid". Yields None
+    when the claim is ours, else the holder; the file is removed when the cell ends."""
+    path = results_dir / ".claims" / run_id
+    holder = try_claim(path)
+    if holder is not None:
+        yield holder
+        return
     try:
         yield None
     finally:

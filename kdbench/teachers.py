@@ -9,7 +9,6 @@ trusted. A lock file keeps two workers (Ray) from training the same teacher at o
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,29 +40,17 @@ def cache_key(spec: CellSpec, data: TaskData) -> str:
 
 
 class _Lock:
-    """An O_EXCL lock file; a lock left by a dead process is taken over."""
+    """Wait for the claim file ``path`` (see :func:`kdbench.executors.try_claim`), release on exit."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def __enter__(self) -> _Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or "0")
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    self.path.unlink(missing_ok=True)  # stale
-                    continue
-                except PermissionError:
-                    pass
-                time.sleep(1.0)
+        from kdbench.executors import try_claim
+
+        while try_claim(self.path) is not None:
+            time.sleep(1.0)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)

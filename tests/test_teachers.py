@@ -56,3 +56,24 @@ def test_teacher_key_changes_with_recipe(tmp_path):
     a = expand(load_suite(str(path)), host)[1]
     b = expand(load_suite(str(path), ["teacher_train.lr=1e-3"]), host)[1]
     assert a.run_id != b.run_id  # the method cell depends on its teacher's recipe
+
+
+def test_teacher_lock_waits_for_a_live_holder_then_takes_it(tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from kdbench.teachers import _Lock
+
+    path = tmp_path / "t.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path.write_text(f"{socket.gethostname()} {other.pid}")
+    threading.Timer(1.5, lambda: (other.kill(), other.wait())).start()
+    t0 = time.monotonic()
+    with _Lock(path):
+        assert path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+        assert time.monotonic() - t0 >= 1.0  # waited for the holder to die
+    assert not path.exists()
