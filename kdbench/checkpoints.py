@@ -34,9 +34,10 @@ class CorruptCheckpoint(DataError):
     """A checkpoint file is truncated, corrupt, or was not written by :func:`save_state`."""
 
 
-def _digest(tensors: Mapping[str, Tensor], meta_json: str) -> str:
+def tensor_digest(tensors: Mapping[str, Tensor], prefix: str = "") -> str:
+    """SHA-256 of names, dtypes, shapes and raw bytes of ``tensors`` (a content key), after ``prefix``."""
     h = hashlib.sha256()
-    h.update(meta_json.encode())
+    h.update(prefix.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
@@ -63,7 +64,7 @@ def save_state(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], meta
         flat[name] = t.clone() if t.numel() and (partial or storage.data_ptr() in seen) else t
         seen.add(flat[name].untyped_storage().data_ptr())
     meta_json = json.dumps(meta, sort_keys=True)
-    header = {_META_KEY: meta_json, _HASH_KEY: _digest(flat, meta_json)}
+    header = {_META_KEY: meta_json, _HASH_KEY: tensor_digest(flat, meta_json)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -106,7 +107,7 @@ def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
     if _HASH_KEY not in header or _META_KEY not in header:
         raise CorruptCheckpoint(f"checkpoint {path} has no kdbench hash; it was not written by "
                                 "kdbench.checkpoints.save_state")
-    if _digest(tensors, header[_META_KEY]) != header[_HASH_KEY]:
+    if tensor_digest(tensors, header[_META_KEY]) != header[_HASH_KEY]:
         raise CorruptCheckpoint(f"checkpoint {path} fails its sha256 check (corrupt data); "
                                 "delete it and resume from an older one")
     return tensors, json.loads(header[_META_KEY])

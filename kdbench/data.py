@@ -340,6 +340,52 @@ def _save_cache(path: Path, key: str, toks: dict[str, dict[str, Tensor]]) -> Non
     os.replace(tmp, path)
 
 
+#: bumped when the rows a split holds change for the same files and options (token cache key)
+PLAN_VERSION = 2  # 2: meta_train holds out every domain's quiz rows, not only the task's own
+
+
+def carve(labels: np.ndarray, task: Task, max_train: int, quiz_fraction: float, seed: int,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Train and quiz positions of a train split with ``labels`` (N,): a seeded stratified
+    ``max_train`` cap (0 = all), then a seeded stratified ``quiz_fraction`` moved to the quiz."""
+    strata = strata_of(labels, task.is_regression)
+    train_rows = np.arange(len(labels))
+    if 0 < max_train < len(train_rows):
+        train_rows = stratified_choice(strata, max_train, np.random.default_rng([seed, 0]))
+    quiz_rows = np.zeros(0, np.int64)
+    if quiz_fraction > 0:
+        k = max(1, round(quiz_fraction * len(train_rows)))
+        if k >= len(train_rows):
+            raise DataError(f"task {task.name!r}: quiz_fraction={quiz_fraction} leaves no training "
+                            f"examples out of {len(train_rows)}; lower task.{task.name}.quiz_fraction")
+        pick = stratified_choice(strata[train_rows], k, np.random.default_rng([seed, 1]))
+        quiz_rows = train_rows[pick]
+        train_rows = np.setdiff1d(train_rows, quiz_rows)
+    return train_rows, quiz_rows
+
+
+def _meta_rows(raw: dict[str, Any], column: Any, task: Task, quiz_rows: np.ndarray, max_train: int,
+               quiz_fraction: float, seed: int) -> np.ndarray:
+    """Rows of the raw "meta_train" kept for training: all but every domain's quiz rows.
+
+    Each domain's rows are carved as that domain's own task carves its train split (same order,
+    options and seed), so the meta split is identical whichever domain is the target and one
+    Meta-KD meta-teacher serves all of them; no model trains on any domain's quiz rows. The task's
+    own quiz rows are also matched by ``row_id`` when both splits have it.
+    """
+    names = raw["meta_train"].column_names
+    keep = np.ones(len(raw["meta_train"]), bool)
+    if "domain" in names:
+        dom, lab = column("meta_train", "domain"), column("meta_train", "label")
+        for d in np.unique(dom):
+            rows = np.flatnonzero(dom == d)
+            if len(rows) > 1:
+                keep[rows[carve(lab[rows], task, max_train, quiz_fraction, seed)[1]]] = False
+    if "row_id" in names and "row_id" in raw["train"].column_names:
+        keep &= ~np.isin(column("meta_train", "row_id"), column("train", "row_id")[quiz_rows])
+    return np.flatnonzero(keep)
+
+
 def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = None) -> TaskData:
     """Load, validate, carve and tensorise a task's splits.
 
@@ -348,8 +394,8 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     ``max_train_examples`` subsample -> seeded stratified ``quiz_fraction`` of train moved to a
     "quiz" split (for every method, so all methods train on the same rows) -> tokenisation (text;
     cached as safetensors under ``cache_dir``; a corrupt cache file is rebuilt) or uint8 pixels
-    (vision). Multi-domain tasks get a "meta_train" split (the task's own, minus quiz rows matched
-    by ``row_id``; else the train split itself).
+    (vision). Multi-domain tasks get a "meta_train" split: the task's own minus every domain's
+    quiz rows (:func:`_meta_rows`), else the train split itself.
 
     Args:
         task: the task instance; its ``cfg`` may set max_seq_length (128), max_train_examples (0 =
@@ -378,30 +424,16 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     def column(split: str, col: str) -> np.ndarray:
         return np.array(_arrow(raw[split]).column(col).to_numpy(), copy=True)
 
-    train_labels = column("train", "label")
-    strata = strata_of(train_labels, task.is_regression)
-    train_rows = np.arange(len(raw["train"]))
-    if 0 < max_train < len(train_rows):
-        train_rows = stratified_choice(strata, max_train, np.random.default_rng([seed, 0]))
-    quiz_rows = np.zeros(0, np.int64)
-    if quiz_fraction > 0:
-        k = max(1, round(quiz_fraction * len(train_rows)))
-        if k >= len(train_rows):
-            raise DataError(f"task {task.name!r}: quiz_fraction={quiz_fraction} leaves no training "
-                            f"examples out of {len(train_rows)}; lower task.{task.name}.quiz_fraction")
-        pick = stratified_choice(strata[train_rows], k, np.random.default_rng([seed, 1]))
-        quiz_rows = train_rows[pick]
-        train_rows = np.setdiff1d(train_rows, quiz_rows)
+    train_rows, quiz_rows = carve(column("train", "label"), task, max_train, quiz_fraction, seed)
     plan: dict[str, tuple[str, np.ndarray]] = {"train": ("train", train_rows)}
     if len(quiz_rows):
         plan["quiz"] = ("train", quiz_rows)
     for name in raw:
         if name != "train":
             plan[name] = (name, np.arange(len(raw[name])))
-    if "meta_train" in raw and len(quiz_rows) and "row_id" in raw["meta_train"].column_names \
-            and "row_id" in raw["train"].column_names:
-        held = column("train", "row_id")[quiz_rows]
-        plan["meta_train"] = ("meta_train", np.flatnonzero(~np.isin(column("meta_train", "row_id"), held)))
+    if "meta_train" in raw and len(quiz_rows):
+        plan["meta_train"] = ("meta_train", _meta_rows(raw, column, task, quiz_rows, max_train,
+                                                       quiz_fraction, seed))
 
     toks: dict[str, dict[str, Tensor]] = {}
     cache_state = "off"
@@ -411,7 +443,7 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
                             "use a text model (its tokenizer tokenises the data)")
         tok_name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
         key = hashlib.sha256(json.dumps([task.name, task.version, fingerprint, tok_name,
-                                         len(tokenizer), max_len]).encode()).hexdigest()
+                                         len(tokenizer), max_len, PLAN_VERSION]).encode()).hexdigest()
         path = Path(cache_dir) / f"tokens-{task.name.replace('/', '_')}-{key[:24]}.safetensors" \
             if cache_dir is not None else None
         cached = _load_cache(path, key, {s: len(r) for s, (_, r) in plan.items()}) \

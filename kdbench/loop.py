@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ from kdbench.types import (
     Task,
     TeacherUpdate,
 )
+
+if TYPE_CHECKING:
+    from kdbench.teachers import ArtifactStore
 
 
 class Diverged(Exception):
@@ -226,6 +229,7 @@ class Loop:
     checkpoint: Callable[[Loop], None] | None = None
     cache_teacher: bool = False
     stash: dict[str, Any] = field(default_factory=dict)
+    artifacts: ArtifactStore | None = None  # StepContext.artifacts
     state: LoopState = field(default_factory=LoopState)
     pending_rule_state: dict[str, Any] | None = None  # restored after rule.prepare() on resume
     keep_best: bool = False  # keep a copy of the student's weights at the best epoch (teachers)
@@ -255,7 +259,7 @@ class Loop:
             student_opt=self.opt, task=self.task, data=self.data, quiz=self.quiz,
             generator=self.rule_gen, device=self.device, train=self.cfg,
             total_steps=self.total_steps, want=frozenset(want), autocast=self.autocast,
-            stash=self.stash)
+            stash=self.stash, artifacts=self.artifacts)
         self.tcache: dict[str, Tensor] | None = None
 
     # -- the step ------------------------------------------------------------------------------

@@ -127,6 +127,8 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
 def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, teacher: Any,
                 init_gen: torch.Generator, data: Any, device: torch.device, log: Any) -> tuple[Any, ...]:
     """Student, loss, rule and the Loop for a method cell (restored from its checkpoint if any)."""
+    from kdbench.teachers import ArtifactStore
+
     host = ctx.host
     teacher.to(device)
     student_kind = host.students.get(spec.student_kind)(spec.student_cfg, host.models.as_mapping())
@@ -148,6 +150,7 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
     ckpt = save_path(ctx.cache_dir, spec.run_id)
     loop = Loop(task, data, student, teacher, loss, rule, spec.train, spec.seed, device, log,
                 checkpoint=lambda lp: save_checkpoint(lp, ckpt), cache_teacher=cache_ok, stash=stash,
+                artifacts=ArtifactStore(ctx.cache_dir / "artifacts"),
                 desc=f"{spec.method} {spec.task} s{spec.seed}")
     resumed = load_checkpoint(loop, ckpt)
     return loop, resumed, cache_ok, student

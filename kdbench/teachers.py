@@ -1,9 +1,9 @@
 """One fine-tuned teacher per (task, teacher model, seed), cached and shared by every method.
 
 The cache key hashes everything that determines the teacher: the model kind and options, the
-task, its version, options and data fingerprint, the fine-tuning recipe and the seed. Entries are
-safetensors files with an integrity hash (kdbench.checkpoints); a corrupt entry is rebuilt, never
-trusted. A lock file keeps two workers (Ray) from training the same teacher at once.
+task, its version, options and data fingerprint, the fine-tuning recipe and the seed. Entries live
+in an :class:`ArtifactStore`, which rules also use for work shared across cells (Meta-KD's
+meta-teacher, one per seed for all four Amazon domains).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from kdbench.checkpoints import CorruptCheckpoint, load_state, save_state
 from kdbench.config import as_dict, train_identity
@@ -56,6 +57,37 @@ class _Lock:
         self.path.unlink(missing_ok=True)
 
 
+class ArtifactStore:
+    """Content-keyed tensor files shared by cells (``<root>/<key>.safetensors``).
+
+    Entries carry an integrity hash (kdbench.checkpoints): a corrupt entry is rebuilt, never
+    trusted. A claim file keeps two workers (two ``kdbench run``, Ray) from building one key at once.
+    Keys must hash everything the tensors depend on; :func:`kdbench.checkpoints.tensor_digest`
+    hashes tensor contents.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def get_or_build(self, key: str, build: Callable[[], tuple[dict[str, Tensor], dict[str, Any]]],
+                     ) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
+        """``(tensors, record, cached)``: the stored entry, or ``build()``'s result stored now.
+
+        ``build`` returns tensors and a JSON-able record. Cached tensors are on the CPU.
+        """
+        path = self.root / f"{key}.safetensors"
+        with _Lock(path.with_suffix(".lock")):
+            if path.exists():
+                try:
+                    tensors, meta = load_state(path)
+                    return tensors, json.loads(meta["record"]), True
+                except (CorruptCheckpoint, KeyError, json.JSONDecodeError):
+                    path.unlink(missing_ok=True)  # rebuilt below
+            tensors, record = build()
+            save_state(path, tensors, {"record": json.dumps(record)})
+        return tensors, record, False
+
+
 def get_or_train(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, device: torch.device,
                  ctx: RunContext, log: Callable[[int, dict[str, float]], None]) -> dict[str, Any]:
     """Load the cached fine-tuned weights into ``teacher`` or fine-tune and cache them.
@@ -64,21 +96,15 @@ def get_or_train(spec: CellSpec, teacher: KDModel, task: Task, data: TaskData, d
     now, ``throughput``.
     """
     key = cache_key(spec, data)
-    path = ctx.cache_dir / "teachers" / f"{key}.safetensors"
-    with _Lock(path.with_suffix(".lock")):
-        if path.exists():
-            try:
-                tensors, meta = load_state(path)
-                teacher.load_state_dict(tensors)
-                record = json.loads(meta["record"])
-                return {**record, "cached": True}
-            except (CorruptCheckpoint, KeyError, RuntimeError, json.JSONDecodeError):
-                path.unlink(missing_ok=True)  # rebuilt below
-        record = _fine_tune(spec, key, teacher, task, data, device, ctx, log)
-        record["key"] = key
-        tensors = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-        save_state(path, tensors, {"record": json.dumps(record)})
-    return {**record, "cached": False}
+
+    def build() -> tuple[dict[str, Tensor], dict[str, Any]]:
+        record = {**_fine_tune(spec, key, teacher, task, data, device, ctx, log), "key": key}
+        return dict(teacher.state_dict()), record
+
+    tensors, record, cached = ArtifactStore(ctx.cache_dir / "teachers").get_or_build(key, build)
+    if cached:
+        teacher.load_state_dict(tensors)
+    return {**record, "cached": cached}
 
 
 def _fine_tune(spec: CellSpec, key: str, teacher: KDModel, task: Task, data: TaskData, device: torch.device,

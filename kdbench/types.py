@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import datasets
 
     from kdbench.data import TaskData
+    from kdbench.teachers import ArtifactStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +361,9 @@ class StepContext:
     #: autocast context factory for forward passes (bf16 on CUDA, no-op on CPU)
     autocast: Any = None
     stash: dict[str, Any] = field(default_factory=dict)
+    #: content-keyed store shared across cells for work worth reusing (None: nothing is shared);
+    #: ``artifacts.get_or_build(key, build)``, see :class:`kdbench.teachers.ArtifactStore`
+    artifacts: ArtifactStore | None = None
 
     def teacher_forward(self, inputs: Mapping[str, Tensor], *, grad: bool = False) -> ModelOutput:
         """Teacher forward in eval mode, with or without grad."""

@@ -16,7 +16,7 @@ import kdbench.data as kd
 from kdbench.data import TensorSplit, prepare_data, stratified_choice
 from kdbench.errors import DataError
 from kdbench.types import Task
-from kdbench_builtins.tasks_toy import Digits, Reviews, ReviewsConfig
+from kdbench_builtins.tasks_toy import REVIEW_DOMAINS, Digits, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -264,14 +264,23 @@ def test_toy_digits_vision_pipeline() -> None:
 
 
 @needs_hf
-def test_toy_reviews_meta_train_excludes_quiz_rows(tok: Any) -> None:
+def test_toy_reviews_meta_train_excludes_every_domains_quiz_rows(tok: Any) -> None:
+    from kdbench.checkpoints import tensor_digest
+
     task = Reviews(ReviewsConfig(max_seq_length=32))
     td = prepare_data(task, tokenizer=tok)
     raw = task.load()
     assert set(td.splits) == {"train", "quiz", "dev", "test", "meta_train"}
-    assert len(td.splits["meta_train"]) == len(raw["meta_train"]) - len(td.quiz)
+    others = [prepare_data(Reviews(ReviewsConfig(max_seq_length=32, domain=d)), tokenizer=tok)
+              for d in REVIEW_DOMAINS[1:]]
+    assert len(td.splits["meta_train"]) == len(raw["meta_train"]) - len(td.quiz) - sum(len(o.quiz) for o in others)
     assert set(td.splits["meta_train"].tensors["domain"].tolist()) == {0, 1, 2}
     assert set(td.train.tensors["domain"].tolist()) == {0}
+    # the same meta split whichever domain is the target: one Meta-KD meta-teacher serves all
+    assert len({tensor_digest(d.splits["meta_train"].tensors) for d in [td, *others]}) == 1
+    # and it holds none of the target's quiz examples
+    quiz_ids = {tuple(r) for r in td.quiz.tensors["input_ids"].tolist()}
+    assert not quiz_ids & {tuple(r) for r in td.splits["meta_train"].tensors["input_ids"].tolist()}
     assert "generated" in task.version and "GENERATED" in (Reviews.__doc__ or "")
 
 

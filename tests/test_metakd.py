@@ -175,6 +175,33 @@ def test_prepare_trains_teacher_deterministically() -> None:
     torch.testing.assert_close(rule3.head.content.weight, rule.head.content.weight)
 
 
+def test_meta_teacher_is_shared_across_domain_cells(tmp_path: Any) -> None:
+    """One meta-teacher per (start weights, meta split, options, seed): the second domain's cell
+    loads what the first trained, bit-identical to training it again; another seed trains anew."""
+    from kdbench.teachers import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    alone = _ctx()
+    want = _rule(meta_epochs=2).prepare(alone)
+    cells = []
+    for train_seed in (1, 7):  # two target domains: different train splits, one meta split
+        ctx = _ctx()
+        ctx.data.splits["train"] = _split("train", 12, train_seed, domains=1)
+        ctx.artifacts = store
+        rule = _rule(meta_epochs=2)
+        cells.append((ctx, rule, rule.prepare(ctx)))
+    assert [m["meta/cached"] for *_, m in cells] == [0.0, 1.0]
+    assert cells[1][2]["meta/loss"] == want["meta/loss"] and len(list(tmp_path.glob("*.safetensors"))) == 1
+    for ctx, rule, _ in cells:
+        for k, v in ctx.teacher.state_dict().items():
+            assert torch.equal(v, alone.teacher.state_dict()[k]), k
+        assert torch.equal(ctx.generator.get_state(), alone.generator.get_state())
+        assert rule.head is not None and torch.equal(rule.head.out.weight, cells[0][1].head.out.weight)  # type: ignore[union-attr]
+    other = _ctx(seed=1)
+    other.artifacts = store
+    assert _rule(meta_epochs=2).prepare(other)["meta/cached"] == 0.0  # another seed: its own
+
+
 def test_prepare_rejects_single_domain_task() -> None:
     ctx = _ctx()
     ctx.task = _Single(None)
@@ -270,3 +297,9 @@ def test_meta_kd_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
     assert teacher_scores and all(0.0 <= v <= 1.0 for v in teacher_scores.values())  # the meta-teacher's own dev score
     # 2 epochs, capped at 6 steps: all in stage 1 (weighted hidden/attention/domain terms)
     assert {"loss/hidden", "loss/attention", "loss/domain"} <= set(result["extra"]["last_metrics"]) and "loss/kd" not in result["extra"]["last_metrics"]
+    assert result["extra"]["last_metrics"]["prepare/meta/cached"] == 0.0
+    # another target domain: same meta split, start weights and seed -> the meta-teacher is loaded
+    other = run_tiny(make_host(), "meta-kd", steps=6, overrides=[
+        "teacher_update.meta-kd.batch_size=64", "train.epochs=2", "task.toy/reviews.domain=electronics"])
+    assert other["run_id"] != result["run_id"] and other["extra"]["last_metrics"]["prepare/meta/cached"] == 1.0
+    assert other["extra"]["last_metrics"]["prepare/meta/loss"] == result["extra"]["last_metrics"]["prepare/meta/loss"]

@@ -205,8 +205,9 @@ class MetaKD(TeacherUpdate):
     def prepare(self, ctx: StepContext) -> dict[str, float]:
         """Score examples, train the meta-teacher into ``ctx.teacher``, hand scores to the loss.
 
-        Deterministic given ``ctx.generator`` (the global RNG is forked and seeded from it). On
-        resume (``ctx.stash["resuming"]``) the checkpointed teacher is kept and not retrained; the
+        Deterministic given ``ctx.generator`` (the global RNG is forked and seeded from it). With
+        ``ctx.artifacts`` the meta-teacher is trained once and shared by every cell with the same
+        start weights, meta split, options and seed (e.g. the four Amazon domains). On resume (``ctx.stash["resuming"]``) the checkpointed teacher is kept and not retrained; the
         scores are recomputed (no randomness) and ``load_state_dict`` restores the domain head.
 
         Raises:
@@ -229,18 +230,60 @@ class MetaKD(TeacherUpdate):
         else:  # score the student's split against the meta split's prototypes
             h_tr, d_tr = self._encode(pre, splits["train"], ctx)
             t_train = prototype_scores(h, dom, num_domains, h_tr, d_tr)
-        if cfg.init == "pretrained" and not ctx.stash.get("resuming", False):
+        resuming = bool(ctx.stash.get("resuming", False))
+        if cfg.init == "pretrained" and not resuming:
             ctx.teacher.load_state_dict(pre.state_dict())
         del pre, h
+        key = None if resuming or ctx.artifacts is None else self._key(ctx, meta)
         with _seeded(ctx.generator, ctx.device):
             self.head = DomainHead(ctx.teacher.hidden_size, num_domains).to(ctx.device)
-            metrics = {} if ctx.stash.get("resuming", False) else self._train(ctx, meta, t_meta)
+            if resuming:
+                metrics: dict[str, float] = {}
+            elif key is None:
+                metrics = self._train(ctx, meta, t_meta)
+            else:
+                metrics = self._train_shared(ctx, meta, t_meta, key)
         self.head.eval().requires_grad_(False)
         ctx.teacher.eval()
         if isinstance(ctx.loss, MetaKDLoss):
             ctx.loss.attach(t_train.float(), self.head)
         return {**metrics, **self._teacher_metrics(ctx),
                 "meta/score_mean": float(t_meta.mean()), "meta/score_min": float(t_meta.min())}
+
+    def _key(self, ctx: StepContext, meta: Any) -> str:
+        """Content key of the meta-teacher: everything ``_train`` reads, not the target domain.
+
+        One meta-teacher per seed then serves every domain's cell (same start weights, meta split,
+        options and rule-generator state), bit-identical to training it in each cell.
+        """
+        from dataclasses import asdict
+
+        from kdbench.checkpoints import tensor_digest
+
+        return "meta-kd-" + tensor_digest({
+            **{f"start.{k}": v for k, v in ctx.teacher.state_dict().items()},
+            **{f"meta.{k}": v for k, v in meta.tensors.items()},
+            "generator": ctx.generator.get_state()},
+            prefix=repr((self.version, sorted(asdict(self.cfg).items()), ctx.device.type,
+                         getattr(ctx.train, "precision", ""))))[:24]
+
+    def _train_shared(self, ctx: StepContext, meta: Any, scores: Tensor, key: str) -> dict[str, float]:
+        """:meth:`_train` through ``ctx.artifacts``: trained by the first cell, loaded by the rest."""
+        assert ctx.artifacts is not None and self.head is not None
+        head = self.head
+
+        def build() -> tuple[dict[str, Tensor], dict[str, Any]]:
+            metrics = self._train(ctx, meta, scores)
+            return {**{f"teacher.{k}": v for k, v in ctx.teacher.state_dict().items()},
+                    **{f"head.{k}": v for k, v in head.state_dict().items()},
+                    "generator": ctx.generator.get_state()}, metrics
+
+        tensors, metrics, cached = ctx.artifacts.get_or_build(key, build)
+        if cached:
+            ctx.teacher.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("teacher.")})
+            head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+            ctx.generator.set_state(tensors["generator"])
+        return {**metrics, "meta/cached": float(cached)}
 
     @staticmethod
     def _teacher_metrics(ctx: StepContext) -> dict[str, float]:
