@@ -288,7 +288,9 @@ class TeacherUpdate:
       :class:`kdbench.errors.NotApplicable` when the pair or task cannot be handled. When a cell
       resumes from a checkpoint, ``ctx.stash["resuming"]`` is True, the teacher's weights are
       already restored (for rules with ``changes_teacher``) and ``load_state_dict`` follows
-      ``prepare``: skip expensive work whose result the checkpoint already holds.
+      ``prepare``: skip expensive work whose result the checkpoint already holds. Work that
+      other cells would repeat exactly can go through ``ctx.artifacts`` (when not None):
+      ``get_or_build(key, build)`` with a key that hashes everything the result depends on.
     * ``step(ctx)`` before every student optimizer step, with ``ctx.batch`` the batch the student
       is about to train on. MetaDistil runs its pilot update and teacher meta-step here, Reptile
       its inner update and teacher step. The rule must leave the student's parameters,
