@@ -101,18 +101,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
 
 
-def _suite_info(result: dict[str, Any]) -> dict[str, Any]:
+def _shipped_suite(result: dict[str, Any]) -> Suite | None:
+    """The built-in suite the result came from (loaded from the shipped file), or None."""
+    from kdbench.config import builtin_suites
+
+    shipped = builtin_suites().get(str(result.get("suite")))
+    if shipped is None or Path(result.get("suite_info", {}).get("path", "")).name != shipped.name:
+        return None
+    return load_suite(str(shipped))
+
+
+def _suite_info(result: dict[str, Any], suite: Suite | None) -> dict[str, Any]:
     """Description, budget and reference rows for a table header: from the shipped suite file
     when the results came from a built-in suite (so an edited budget or reference shows without
     rerunning cells), else as recorded in the result."""
-    from kdbench.config import builtin_suites
-
-    info = result.get("suite_info", {})
-    shipped = builtin_suites().get(str(result.get("suite")))
-    if shipped is None or Path(info.get("path", "")).name != shipped.name:
-        return info
-    suite = load_suite(str(shipped))
+    if suite is None:
+        return dict(result.get("suite_info", {}))
     return {"description": suite.description, "budget": suite.budget, "reference": suite.reference}
+
+
+def coverage(host: Host, suite: Suite, board: Any) -> dict[str, Any]:
+    """Which of ``suite``'s planned cells have no result file yet, matched on (method, task,
+    student, teacher, seed) so that runs with overrides count.
+
+    Returns ``{"planned": N, "done": N, "missing": {(student, task): {method: [seeds]}}}``;
+    planned cells that are n-a by plan and have no file count as done (their reason is known).
+    """
+    from kdbench.plan import expand
+
+    have = {(r.method, r.task, r.student or "", r.teacher_name, r.seed) for r in board.itertuples()}
+    missing: dict[tuple[str, str], dict[str, list[int]]] = {}
+    cells = expand(suite, host)
+    for c in cells:
+        if (c.method, c.task, c.student, c.teacher, c.seed) not in have and not c.na_reason:
+            missing.setdefault((c.student, c.task), {}).setdefault(c.method, []).append(c.seed)
+    return {"planned": len(cells), "done": len(cells) - sum(len(v) for m in missing.values() for v in m.values()),
+            "missing": missing}
 
 
 def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) -> str:
@@ -123,10 +147,13 @@ def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) 
     board = load_results(results_dir)
     if board.empty:
         raise KdbenchError(f"no result files under {results_dir}. Hint: run `kdbench run --suite {suite}` first")
-    info = _suite_info(board.iloc[0]["result"])
+    shipped = _shipped_suite(board.iloc[0]["result"])
+    info = _suite_info(board.iloc[0]["result"], shipped)
     meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
             "description": info.get("description", ""), "budget": info.get("budget", ""),
             "reference": info.get("reference", [])}
+    if shipped is not None:
+        meta["coverage"] = coverage(host, shipped, board)
     if plot is not None:
         from kdbench.leaderboard import plot_cost
 

@@ -158,6 +158,7 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
               f"under `{meta.get('source', '?')}`.", ""]
     if meta.get("budget"):
         lines += [f"Budget: {meta['budget']}", ""]
+    lines += coverage_section(meta.get("coverage"), suite)
     for which, title in (("best", "best epoch"), ("last", "last epoch")):
         for student in sorted(s for s in board["student"].dropna().unique() if s):
             notes: list[str] = []
@@ -184,6 +185,27 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
         lines += ["## Score against training cost", "", f"![{suite}: score vs training cost]({meta['plot']})", ""]
     lines += reference_section(meta.get("reference") or [])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def coverage_section(cov: Mapping[str, Any] | None, suite: str) -> list[str]:
+    """How much of the suite's plan has results, and a table of the cells not run yet."""
+    if not cov:
+        return []
+    head = f"Coverage: {cov['done']} of {cov['planned']} planned cells are done (a result file, or n-a by plan)."
+    if not cov["missing"]:
+        return [head, ""]
+
+    def cell(methods: Mapping[str, list[int]]) -> str:
+        by_seeds: dict[tuple[int, ...], list[str]] = {}
+        for m, seeds in methods.items():
+            by_seeds.setdefault(tuple(seeds), []).append(m)
+        return "; ".join(f"{', '.join(ms)} (seeds {', '.join(map(str, sd))})" for sd, ms in by_seeds.items())
+
+    rows = [{"Student": student or "(teacher)", "Task": task, "Not run yet": cell(methods)}
+            for (student, task), methods in sorted(cov["missing"].items())]
+    return [f"{head} The cells below have no result file yet; `kdbench run --suite {suite}` runs "
+            "exactly these (finished cells are skipped).", "",
+            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def reference_section(refs: list[Mapping[str, Any]]) -> list[str]:

@@ -96,3 +96,26 @@ def test_cost_plot_written_and_embedded(board, tmp_path):
     assert plot_cost(board, "golden", str(png)) and png.read_bytes()[:4] == b"\x89PNG"
     text = render_markdown(board, "golden", {"source": "x", "plot": png.name})
     assert "![golden: score vs training cost](golden.png)" in text
+
+
+def test_coverage_lists_the_planned_cells_without_results(tmp_path):
+    import pandas as pd
+
+    from kdbench.commands import coverage
+    from kdbench.config import load_suite
+    from kdbench.leaderboard import coverage_section
+    from kdbench.manager import Host
+    from kdbench.testing import tiny_suite
+
+    path = tiny_suite(tmp_path / "t.toml", "kd")
+    path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    board = pd.DataFrame([{"method": "kd", "task": "toy/reviews", "student": "bert-l1", "teacher_name": "bert", "seed": 0},
+                          {"method": "teacher", "task": "toy/reviews", "student": "", "teacher_name": "bert", "seed": 0}])
+    cov = coverage(Host.create(autoload=False), load_suite(str(path)), board)
+    assert cov == {"planned": 4, "done": 2,
+                   "missing": {("", "toy/reviews"): {"teacher": [1]}, ("bert-l1", "toy/reviews"): {"kd": [1]}}}
+    text = "\n".join(coverage_section(cov, "tiny"))
+    assert text.startswith("Coverage: 2 of 4 planned cells are done") and "`kdbench run --suite tiny`" in text
+    assert re.search(r"\| \(teacher\) +\| toy/reviews +\| teacher \(seeds 1\) +\|", text)
+    assert re.search(r"\| bert-l1 +\| toy/reviews +\| kd \(seeds 1\) +\|", text)
+    assert coverage_section(dict(cov, done=4, missing={}), "tiny") == ["Coverage: 4 of 4 planned cells are done (a result file, or n-a by plan).", ""]
