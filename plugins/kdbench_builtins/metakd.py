@@ -135,6 +135,14 @@ def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
     return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
 
 
+def _architecture(model: KDModel) -> str:
+    """What besides the weights shapes training: module tree (dropout rates) and HF config."""
+    config = getattr(getattr(model, "model", None), "config", None)
+    if not hasattr(config, "to_json_string"):
+        return repr(model)
+    return repr(model) + config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
+
+
 @contextlib.contextmanager
 def _seeded(generator: torch.Generator, device: torch.device) -> Iterator[None]:
     """Fork the global RNG (dropout, inits) and seed it from ``generator``."""
@@ -265,7 +273,7 @@ class MetaKD(TeacherUpdate):
             **{f"meta.{k}": v for k, v in meta.tensors.items()},
             "generator": ctx.generator.get_state()},
             prefix=repr((self.version, sorted(asdict(self.cfg).items()), ctx.device.type,
-                         getattr(ctx.train, "precision", ""))))[:24]
+                         getattr(ctx.train, "precision", ""), _architecture(ctx.teacher))))[:24]
 
     def _train_shared(self, ctx: StepContext, meta: Any, scores: Tensor, key: str) -> dict[str, float]:
         """:meth:`_train` through ``ctx.artifacts``: trained by the first cell, loaded by the rest."""
