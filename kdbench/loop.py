@@ -134,9 +134,14 @@ def make_optimizer(params: list[torch.nn.Parameter], named: list[tuple[str, torc
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                   total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup + linear decay, constant, or multistep (per epoch milestones)."""
-    warm = int(cfg.warmup * total)
+                   total: int, stages: tuple[int, ...] = ()) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup + linear decay, constant, or multistep (per epoch milestones).
+
+    ``stages`` (epochs at which a loss starts a new stage, see ``DistillLoss.stages``) restart
+    warmup + decay: each stage gets its own schedule over its own steps, as if it were a separate
+    run. A pure function of the step, so a resumed run continues the same curve."""
+    starts = sorted({0, *(min(total, e * steps_per_epoch) for e in stages if 0 < e)})
+    bounds = [*starts, total]
 
     def factor(step: int) -> float:
         if cfg.schedule == "constant":
@@ -144,9 +149,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
         if cfg.schedule == "multistep":
             epoch = step // max(1, steps_per_epoch)
             return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
+        lo = max(b for b in starts if b <= step) if step < total else starts[-1]
+        hi = bounds[bounds.index(lo) + 1]
+        n, i = max(1, hi - lo), step - lo
+        warm = int(cfg.warmup * n)
+        if i < warm:
+            return (i + 1) / warm
+        return max(0.0, (n - i) / max(1, n - warm))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -247,7 +256,8 @@ class Loop:
             (f"loss.{n}", p) for n, p in self.loss.named_parameters()]
         self.opt = make_optimizer([p for _, p in named], named, self.cfg, self.device)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]  # clipped every step
-        self.sched = make_scheduler(self.opt, self.cfg, self.steps_per_epoch, self.total_steps)
+        self.stages = tuple(self.loss.stages(self.cfg.epochs))
+        self.sched = make_scheduler(self.opt, self.cfg, self.steps_per_epoch, self.total_steps, self.stages)
         self.aug_gen = generator(seed_for(self.seed, "augment"), self.device)
         self.rule_gen = generator(seed_for(self.seed, "rule"), self.device)
         quiz = self.data.splits.get("quiz")
@@ -323,6 +333,8 @@ class Loop:
                    leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
         while st.epoch < cfg.epochs and not self._capped():
             self.loss.begin_epoch(st.epoch, cfg.epochs)
+            if st.epoch in self.stages and st.batch_in_epoch == 0:
+                self.opt.state.clear()  # a new stage starts with fresh AdamW moments (idempotent on resume)
             gen = generator(seed_for(self.seed, "order", st.epoch))
             order = torch.randperm(len(self.train_split), generator=gen)
             if cfg.length_bucketing:

@@ -265,6 +265,12 @@ class DistillLoss(nn.Module):
     def begin_epoch(self, epoch: int, num_epochs: int) -> None:
         """Called before every epoch (multi-stage losses switch stage here)."""
 
+    def stages(self, num_epochs: int) -> tuple[int, ...]:
+        """Epochs (0-based) at which a new training stage starts as if it were a fresh run: the
+        learning-rate schedule (warmup + decay) restarts there and the optimizer's moments are
+        cleared. Default: none (one schedule over all epochs)."""
+        return ()
+
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:  # type: ignore[override]
         """Return ``{"ce": scalar, "kd": scalar, ...}``; teacher outputs are constants."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from kdbench import Batch, ModelOutput, NotApplicable, StepContext, Task
+from kdbench import Batch, ConfigError, ModelOutput, NotApplicable, StepContext, Task
 from kdbench.config import TrainConfig
 from kdbench.data import TensorSplit
 from kdbench_builtins import metakd
@@ -303,3 +303,35 @@ def test_meta_kd_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
         "teacher_update.meta-kd.batch_size=64", "train.epochs=2", "task.toy/reviews.domain=electronics"])
     assert other["run_id"] != result["run_id"] and other["extra"]["last_metrics"]["prepare/meta/cached"] == 1.0
     assert other["extra"]["last_metrics"]["prepare/meta/loss"] == result["extra"]["last_metrics"]["prepare/meta/loss"]
+
+
+def test_stage_schedule_restarts_lr_and_is_unchanged_without_stages() -> None:
+    from kdbench.loop import make_scheduler
+
+    cfg = TrainConfig(warmup=0.1, lr=1.0)
+
+    def curve(stages: tuple[int, ...]) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(opt, cfg, steps_per_epoch=10, total=40, stages=stages)
+        return [sched.lr_lambdas[0](i) for i in range(40)]
+
+    one = curve(())
+    warm = int(0.1 * 40)  # the pre-stages formula: warmup over 4 steps, then linear decay to 0
+    assert one == [(i + 1) / warm if i < warm else (40 - i) / (40 - warm) for i in range(40)]
+    two = curve((2,))
+    assert two[:20] == [(i + 1) / 2 if i < 2 else (20 - i) / 18 for i in range(20)]
+    assert two[20:] == two[:20]  # stage 2 (epochs 2-3) repeats stage 1's warmup and decay
+    assert curve((0, 4, 9)) == one  # boundaries at the start or past the end change nothing
+
+
+@pytest.mark.parametrize("schedule,want", [("restart", (2,)), ("continuous", ())])
+def test_meta_kd_stage2_is_a_fresh_run(schedule: str, want: tuple[int, ...]) -> None:
+    def loss(**kw: Any) -> metakd.MetaKDLoss:
+        return metakd.MetaKDLoss(metakd.MetaKDLossConfig(**kw), task=_Multi(None), teacher=_model(2),
+                                 student=_model(1))
+
+    assert loss(stage1_epochs=2, stage_schedule=schedule).stages(4) == want
+    assert loss(stage1_epochs=4).stages(4) == ()  # no stage 2: nothing to restart
+    assert loss().stages(3) == (1,)  # default: half the epochs (rounded down) in stage 1
+    with pytest.raises(ConfigError, match="stage_schedule"):
+        loss(stage_schedule="cosine")

@@ -13,7 +13,9 @@ Teacher update ``meta-kd`` (shared/docs/methods.md §6), all in ``prepare``:
 
 Loss ``meta-kd``: stage 1 (first half of the epochs) = TinyBERT hidden + attention MSE (+ γ·domain
 vector MSE) weighted per instance by ``λ_i = (1 + t_i)·w_i``, ``w_i = 1/(1 + exp((p_T(y_i|x_i) − 1)²))``;
-stage 2 = soft cross-entropy at T, no T², no hard labels, no weights (``stage2_ce`` adds CE).
+stage 2 = soft cross-entropy at T, no T², no hard labels, no weights (``stage2_ce`` adds CE). As in the
+reference's two separate runs, stage 2 restarts the learning-rate schedule with fresh optimizer
+moments (``stage_schedule="restart"``; ``"continuous"`` keeps one schedule over both stages).
 Classification only: regression tasks are n-a (``w_i`` needs a class probability).
 """
 
@@ -380,6 +382,9 @@ class MetaKDLossConfig:
     attention_weight: float = 1.0  # stage 1 attention MSE weight
     domain_weight: float = 0.5  # stage 1 domain-vector MSE weight γ (needs the meta-kd rule)
     stage2_ce: bool = False  # add hard-label CE in stage 2 (not in the reference)
+    # "restart": stage 2 warms up and decays its learning rate anew with fresh AdamW moments, as the
+    # reference's second run does; "continuous": one schedule over both stages (kdbench < loss v2)
+    stage_schedule: str = "restart"
     init_seed: int = 0  # seed of the projection and student domain branch
 
 
@@ -394,13 +399,14 @@ class MetaKDLoss(DistillLoss):
     """
 
     name = "meta-kd"
-    version = "1"
+    version = "2"  # v2: stage 2 restarts the schedule (stage_schedule="restart")
     Config = MetaKDLossConfig
     needs = frozenset({"hidden", "attentions"})
 
     def __init__(self, cfg: MetaKDLossConfig, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
         super().__init__(cfg, task=task, teacher=teacher, student=student)
         _choice("loss 'meta-kd'", "instance_weights", cfg.instance_weights, ("per_instance", "batch_scalar"))
+        _choice("loss 'meta-kd'", "stage_schedule", cfg.stage_schedule, ("restart", "continuous"))
         if teacher is None:
             raise ValueError("loss 'meta-kd' needs the teacher model")
         n, m = teacher.num_layers, student.num_layers
@@ -426,10 +432,17 @@ class MetaKDLoss(DistillLoss):
         self.prototype_scores = scores
         self._teacher_head = [teacher_head] if teacher_head is not None else []
 
+    def _stage1_epochs(self, num_epochs: int) -> int:
+        return self.cfg.stage1_epochs if self.cfg.stage1_epochs >= 0 else num_epochs // 2
+
     def begin_epoch(self, epoch: int, num_epochs: int) -> None:
         """Stage 1 for the first ``stage1_epochs`` (0-based ``epoch``), stage 2 afterwards."""
-        s1 = self.cfg.stage1_epochs if self.cfg.stage1_epochs >= 0 else num_epochs // 2
-        self.stage = 1 if epoch < s1 else 2
+        self.stage = 1 if epoch < self._stage1_epochs(num_epochs) else 2
+
+    def stages(self, num_epochs: int) -> tuple[int, ...]:
+        """Stage 2 is a fresh run (schedule + optimizer moments) unless ``stage_schedule="continuous"``."""
+        s1 = self._stage1_epochs(num_epochs)
+        return (s1,) if self.cfg.stage_schedule == "restart" and 0 < s1 < num_epochs else ()
 
     def instance_weights(self, teacher: ModelOutput, batch: Batch) -> Tensor:
         """``λ_i = (1 + t_i)·w_i``, (B,)."""
