@@ -162,6 +162,20 @@ def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) 
     return host.render_leaderboard(board, suite, meta)
 
 
+def render_plan(host: Host, name: str, path: Path) -> str:
+    """The page of a built-in suite that has no results yet: what it runs, its budget, its planned
+    cells (all "not run yet") and the papers' reference numbers."""
+    import pandas as pd
+
+    from kdbench import __version__
+
+    suite = load_suite(str(path))
+    meta = {"source": f"kdbench/configs/{path.name} (no results yet)", "kdbench_version": __version__,
+            "description": suite.description, "budget": suite.budget, "reference": suite.reference,
+            "coverage": coverage(host, suite, pd.DataFrame())}
+    return host.render_leaderboard(pd.DataFrame(), name, meta)
+
+
 def write_leaderboard(host: Host, results_dir: Path, out: Path, suite: str) -> Path:
     """Render and write ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +193,19 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     stale = []
     if not args.check:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.results:  # built-in suites with no results get a page of their plan and references
+        from kdbench.config import builtin_suites
+
+        for name, path in sorted(builtin_suites().items()):
+            if name in {d.name for d in dirs}:
+                continue
+            target, text = out_dir / f"{name}.md", render_plan(host, name, path)
+            if args.check:  # an out-dir need not hold every plan page; one that is there must be fresh
+                if target.exists() and target.read_text(encoding="utf-8") != text:
+                    stale.append(str(target))
+            else:
+                target.write_text(text, encoding="utf-8")
+                print(f"wrote {target}")
     for d in dirs:
         target = out_dir / f"{d.name}.md"
         png = target.with_suffix(".png")

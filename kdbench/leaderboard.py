@@ -150,6 +150,13 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
              f"# {suite} leaderboard", ""]
     if meta.get("description"):
         lines += [str(meta["description"]), ""]
+    if board.empty:  # a suite's plan: no kdbench numbers yet
+        lines += ["No kdbench results yet: every planned cell below is not run yet. "
+                  f"`kdbench run --suite {suite}` runs them and this page then shows their scores.", ""]
+        if meta.get("budget"):
+            lines += [f"Budget: {meta['budget']}", ""]
+        lines += coverage_section(meta.get("coverage"), suite) + reference_section(meta.get("reference") or [])
+        return "\n".join(lines).rstrip() + "\n"
     seeds = sorted(board["seed"].dropna().unique().tolist())
     selection = sorted({r.get("protocol", {}).get("selection", "") for r in board["result"]} - {""})
     lines += [f"Protocol: scores x100, mean ± sample std over seeds {seeds} (n per cell in brackets). "

@@ -111,6 +111,21 @@ def test_leaderboard_into_a_new_directory(tmp_path, capsys):
     assert (out / "quickstart.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_leaderboard_plan_pages_for_suites_without_results(tmp_path, capsys):
+    results = Path(__file__).resolve().parents[1] / "leaderboards" / "results" / "quickstart"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quickstart").symlink_to(results)
+    assert main(["leaderboard", "--out-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "cifar100.md").read_text()
+    assert "No kdbench results yet" in page and "| Not run yet" in page and "kd, " in page
+    assert "## Reference numbers" in (tmp_path / "glue.md").read_text()
+    assert "No kdbench results" not in (tmp_path / "quickstart.md").read_text()
+    assert main(["leaderboard", "--out-dir", str(tmp_path), "--check"]) == 0
+    (tmp_path / "glue.md").write_text(page)
+    assert main(["leaderboard", "--out-dir", str(tmp_path), "--check"]) == ExitCode.USAGE_ERROR
+    assert "glue.md" in capsys.readouterr().err
+
+
 def test_run_end_to_end_subprocess(tmp_path):
     suite = tiny_suite(tmp_path / "tiny.toml", "kd", steps=6)
     cmd = [sys.executable, "-m", "kdbench", "run", "--suite", str(suite), "--out-dir", str(tmp_path / "lb"),

@@ -17,3 +17,6 @@ def test_committed_leaderboards_are_generated():
     done = subprocess.run([sys.executable, "-m", "kdbench", "leaderboard", "--check"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    for gpu_suite in ("glue", "amazon-metakd", "cifar100"):  # plan pages: planned cells + reference rows
+        page = (REPO / "leaderboards" / f"{gpu_suite}.md").read_text(encoding="utf-8")
+        assert "No kdbench results yet" in page and "## Reference numbers" in page
