@@ -155,7 +155,9 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
                   f"`kdbench run --suite {suite}` runs them and this page then shows their scores.", ""]
         if meta.get("budget"):
             lines += [f"Budget: {meta['budget']}", ""]
-        lines += coverage_section(meta.get("coverage"), suite) + reference_section(meta.get("reference") or [])
+        refs = meta.get("reference") or []
+        lines += coverage_section(meta.get("coverage"), suite) + (reference_section(refs) or [
+            "No reference rows: the suite file lists no published numbers (its comments say why).", ""])
         return "\n".join(lines).rstrip() + "\n"
     seeds = sorted(board["seed"].dropna().unique().tolist())
     selection = sorted({r.get("protocol", {}).get("selection", "") for r in board["result"]} - {""})

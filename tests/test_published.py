@@ -19,4 +19,4 @@ def test_committed_leaderboards_are_generated():
     assert done.returncode == 0, done.stderr[-2000:]
     for gpu_suite in ("glue", "amazon-metakd", "cifar100"):  # plan pages: planned cells + reference rows
         page = (REPO / "leaderboards" / f"{gpu_suite}.md").read_text(encoding="utf-8")
-        assert "No kdbench results yet" in page and "## Reference numbers" in page
+        assert "No kdbench results yet" in page and ("## Reference numbers" in page or "No reference rows" in page)
