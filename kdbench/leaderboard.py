@@ -27,6 +27,7 @@ BASELINE = "kd"
 ORDER_LAST = ("no-kd", "teacher")
 BOOTSTRAP_SAMPLES = 10_000
 MIN_SEEDS_FOR_CI = 3  # a percentile bootstrap over fewer paired seeds is degenerate
+RANGE_SEEDS = 3  # up to here n^-n > 2.5 %: the percentile interval is [min, max] of the differences
 
 
 def primary_columns(board: pd.DataFrame, which: str) -> list[tuple[str, str]]:
@@ -190,6 +191,12 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
                               f"bootstrap 95 % CI over seeds, {BOOTSTRAP_SAMPLES} resamples; * = the "
                               "interval excludes 0):", "",
                               paired.to_markdown(index=False, disable_numparse=True), ""]
+                    few = sorted({int(n) for n in paired["Seeds"] if MIN_SEEDS_FOR_CI <= n <= RANGE_SEEDS})
+                    if few:
+                        lines += [f"With {' or '.join(map(str, few))} seeds this interval is exactly the range of the "
+                                  "per-seed differences (a resample of n seeds repeats the smallest one with "
+                                  "probability n^-n > 2.5 %), so * says every seed moved the same way: a "
+                                  "consistency mark, not a 5 % significance test.", ""]
     if meta.get("plot"):
         lines += ["## Score against training cost", "", f"![{suite}: score vs training cost]({meta['plot']})", ""]
     lines += reference_section(meta.get("reference") or [])

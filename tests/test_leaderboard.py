@@ -69,10 +69,20 @@ def test_content(board):
 
 
 def test_bootstrap_interval():
-    lo, hi = bootstrap_ci(__import__("numpy").array([1.0, 2.0, 3.0]))
-    assert 1.0 <= lo <= 2.0 <= hi <= 3.0
-    lo, hi = bootstrap_ci(__import__("numpy").array([-1.0, 1.0, 0.0]))
+    import numpy as np
+
+    # 3 seeds: P(a resample is all-min) = 1/27 > 2.5 %, so the interval is the range of the differences
+    assert bootstrap_ci(np.array([1.0, 2.5, 3.0])) == (1.0, 3.0)
+    lo, hi = bootstrap_ci(np.array([-1.0, 1.0, 0.0]))
     assert lo < 0 < hi
+    d = np.array([-1.0, 1.0, 2.0, 3.0])  # 4 seeds: 1/256 < 2.5 %, the interval is strictly inside the range
+    lo, hi = bootstrap_ci(d)
+    assert d.min() < lo < d.mean() < hi < d.max()
+
+
+def test_three_seed_intervals_are_labelled_as_ranges(board):
+    text = render_markdown(board, "golden", {"source": "results/golden"})
+    assert "With 3 seeds this interval is exactly the range of the per-seed differences" in text
 
 
 def test_load_results_frame(board):
