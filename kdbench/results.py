@@ -5,7 +5,7 @@ Schema (``SCHEMA_VERSION``): run_id, suite, method, task, student, teacher, seed
 protocol {selection, best_epoch, epochs_run, steps}, config (the resolved configuration),
 versions, data (what the data pipeline chose), teacher (the teacher record), wall_s,
 peak_memory_mb, throughput {samples_per_s, train_s, model_flops_per_sample, mfu}, seeds,
-provenance (library versions, git commit, device, plugins), extra.
+provenance (library versions, git commit, device, CPU, plugins), extra.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def new_result(spec: CellSpec) -> dict[str, Any]:
 
 
 def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
-    """Library versions, git commit, device and plugin versions."""
+    """Library versions, git commit, device, CPU and plugin versions."""
     import importlib.metadata as md
 
     def version(dist: str) -> str:
@@ -55,8 +55,29 @@ def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
         "transformers": version("transformers"), "datasets": version("datasets"),
         "evaluate": version("evaluate"), "python": sys.version.split()[0],
         "platform": platform.platform(), "git_commit": git_commit(), "device": device,
-        "plugins": plugins,
+        "cpu": cpu_description(), "plugins": plugins,
     }
+
+
+def cpu_description() -> str:
+    """CPU model and torch's kernel level, e.g. ``"AMD EPYC (family 26 model 2), AVX512"``.
+
+    Recorded because CPU results are bit-reproducible only on the same CPU model: MKL picks its
+    GEMM blocking by CPU, so two hosts differ in the last float bits and training amplifies that.
+    """
+    import torch
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def git_commit() -> str:

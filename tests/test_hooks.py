@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import kdbench
 from kdbench import hookspecs
@@ -122,6 +123,8 @@ def test_hook_run_cell_wrapper_and_log_metrics_and_update_result(make_host, run_
     assert seen["wrapped"] == ["teacher", "kd"] and result["extra"]["wrapped"]
     assert any("loss/kd" in m for m in seen["logged"]) and any("loss/ce" in m for m in seen["logged"])
     assert result["provenance"]["tested_by"] == "test_hooks"
+    # the CPU is part of provenance: results are bit-reproducible only on the same CPU model
+    assert result["provenance"]["cpu"].endswith(", " + torch.backends.cpu.get_cpu_capability())
 
 
 def test_hook_run_cell(make_host, run_tiny):
