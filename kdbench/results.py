@@ -62,8 +62,9 @@ def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
 def cpu_description() -> str:
     """CPU model and torch's kernel level, e.g. ``"AMD EPYC (family 26 model 2), AVX512"``.
 
-    Recorded because CPU results are bit-reproducible only on the same CPU model: MKL picks its
-    GEMM blocking by CPU, so two hosts differ in the last float bits and training amplifies that.
+    Recorded because CPU results are bit-reproducible only on the same CPU model: MKL may choose
+    different kernels per CPU, and the same cell on two hosts differed in the last float bits,
+    which training can amplify (measured: leaderboards/README.md).
     """
     import torch
 
