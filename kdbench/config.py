@@ -64,8 +64,9 @@ class TrainConfig:
     length_bucketing: int = 0  # text: sort by length within windows of this many batches; 0 = off
 
 
-#: TrainConfig fields that change how a cell executes, not what it computes: left out of run ids
-#: and teacher-cache keys (still recorded in every result)
+#: TrainConfig fields that change how a cell executes, not what it specifies: left out of run ids
+#: and teacher-cache keys (still recorded in every result). Device and thread count can still move
+#: the last float bits, and training can amplify them (measured: leaderboards/README.md).
 EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every", "oom_retries",
                             "micro_batch_size"})
 
