@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
     oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
     length_bucketing: int = 0  # text: sort by length within windows of this many batches; 0 = off
+    label_mean_bias: bool = False  # regression: start the output bias at the mean training label
 
 
 #: TrainConfig fields that change how a cell executes, not what it specifies: left out of run ids
@@ -71,16 +72,21 @@ EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every"
                             "micro_batch_size"})
 
 
-#: fields added after the first published results: left out of run ids while at their default,
-#: so results computed before they existed keep their ids
-_LATER_FIELDS = {"length_bucketing": 0}
+#: fields added after the first published results (train: length_bucketing, label_mean_bias;
+#: pick-layers student: pooling): left out of run ids while at their default, so results computed
+#: before they existed keep their ids
+_LATER_FIELDS: dict[str, Any] = {"length_bucketing": 0, "label_mean_bias": False, "pooling": "cls"}
 _UNSET = object()
+
+
+def drop_later_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without the later-added fields that are at their default."""
+    return {k: v for k, v in options.items() if _LATER_FIELDS.get(k, _UNSET) != v}
 
 
 def train_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that determine a result."""
-    return {k: v for k, v in as_dict(cfg).items()
-            if k not in EXECUTION_ONLY and _LATER_FIELDS.get(k, _UNSET) != v}
+    return drop_later_defaults({k: v for k, v in as_dict(cfg).items() if k not in EXECUTION_ONLY})
 
 
 @dataclass

@@ -17,6 +17,7 @@ from kdbench.config import (
     TrainConfig,
     as_dict,
     build_config,
+    drop_later_defaults,
     section,
     task_section,
     train_identity,
@@ -85,11 +86,13 @@ def make_run_id(spec: CellSpec) -> str:
     """``method__task__student__sSEED__hash``, deterministic and filesystem-safe.
 
     The hash covers the resolved configuration except execution-only options (device, threads,
-    logging, checkpoint cadence, micro-batch), so moving a cell to another machine keeps its id.
+    logging, checkpoint cadence, micro-batch), so moving a cell to another machine keeps its id,
+    and except later-added options left at their default, so published results keep theirs.
     """
     student = spec.student or spec.teacher
-    ident = {**spec.resolved(), "train": train_identity(spec.train),
-             "teacher_train": train_identity(spec.teacher_train)}
+    resolved = spec.resolved()
+    ident = {**resolved, "student_model": drop_later_defaults(resolved["student_model"]),
+             "train": train_identity(spec.train), "teacher_train": train_identity(spec.teacher_train)}
     return f"{spec.method}__{spec.task.replace('/', '-')}__{student}__s{spec.seed}__{config_hash(ident)}"
 
 

@@ -52,6 +52,19 @@ def test_regression_stsb(host, run_tiny, method, shared_dir):
     assert {"dev/pearson", "dev/spearmanr"} <= set(r["metrics"]["best"])
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_label_mean_bias_starts_the_regression_head_at_the_label_mean(host, run_tiny, shared_dir, flag):
+    r = run_tiny(host, "kd", "glue/stsb", steps=2, overrides=[
+        f'task."glue/stsb".data_dir="{shared_dir / "data" / "glue"}"', 'task."glue/stsb".max_train_examples=200',
+        'task."glue/stsb".max_seq_length=48', f"train.label_mean_bias={str(flag).lower()}"])
+    assert r["status"] == "ok", r.get("reason")
+    got = r["extra"]["last_metrics"].get("init/label_mean_bias")
+    assert (got is not None) == flag
+    if flag:  # STS-B scores lie in [0, 5] and average about 2.7
+        assert 2.0 < got < 3.5
+        assert r["config"]["train"]["label_mean_bias"] is True
+
+
 def test_best_epoch_selected_on_quiz_split(host, run_tiny):
     r = run_tiny(host, "kd", "toy/digits", steps=4, overrides=["train.select=quiz"])
     assert r["status"] == "ok" and r["protocol"]["selection"] == "quiz/accuracy"

@@ -114,6 +114,53 @@ def test_pick_layers_from_tiny_bert_teacher_and_eager_double_backward() -> None:
     assert torch.isfinite(second).all() and second.abs().sum() > 0
 
 
+def test_pick_layers_mean_pooling_reads_masked_mean(six_layer: Path) -> None:
+    teacher = HFModel(HFConfig(checkpoint=str(six_layer)))
+    mean = PickLayers(PickLayersConfig(layers=2, pooling="mean")).build(teacher, 1, gen(4)).eval()
+    cls = PickLayers(PickLayersConfig(layers=2)).build(teacher, 1, gen(4)).eval()
+    enc = dict(mean.tokenizer(["a much longer first text", "ab"], ["pair", "c"], return_tensors="pt",
+                              padding=True))
+    with torch.no_grad():
+        out = mean(enc, want=frozenset({"cls", "hidden"}))
+        last = out.hidden[-1]  # (B, T, H)
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        want = mean.model.classifier((last * m).sum(1) / m.sum(1))
+        alone = mean(dict(mean.tokenizer(["ab"], ["c"], return_tensors="pt")))
+        other = cls(enc)
+    assert torch.allclose(out.logits, want, atol=1e-6)
+    assert torch.allclose(out.logits[1], alone.logits[0], atol=1e-5)  # padding does not count
+    assert out.cls.shape == (2, 3, 32) and len(out.hidden) == 3
+    assert not torch.allclose(out.logits, other.logits)  # same weights, other read-out
+    mean.train()
+    mean(enc).logits.sum().backward()  # the pooler is left out of the graph
+    assert mean.model.bert.pooler.dense.weight.grad is None
+    assert mean.model.classifier.weight.grad is not None
+
+
+def test_pooling_errors(six_layer: Path) -> None:
+    from kdbench_builtins.models_text import HFTextModel
+
+    with pytest.raises(ConfigError, match="pooling = 'max'; use one of 'cls', 'mean'"):
+        PickLayers(PickLayersConfig(pooling="max")).modality(TinyBert(TinyBertConfig()))  # plan time
+    with pytest.raises(ConfigError, match="needs a BERT-style head"):
+        HFTextModel(torch.nn.Linear(2, 2), pooling="mean")
+
+
+def test_later_options_at_default_keep_published_run_ids() -> None:
+    from kdbench.config import load_suite
+    from kdbench.manager import Host, make_plugin_manager
+    from kdbench.plan import expand
+
+    host = Host(make_plugin_manager(autoload=False))
+    base = {c.run_id for c in expand(load_suite("glue-small"), host)}
+    same = {c.run_id for c in expand(load_suite("glue-small", ["students.minilm-l2.pooling=cls",
+                                                               "train.label_mean_bias=false"]), host)}
+    mean = [c for c in expand(load_suite("glue-small", ["students.minilm-l2.pooling=mean"]), host)]
+    assert same == base
+    assert {c.run_id for c in mean if c.student != "minilm-l2"} <= base
+    assert not {c.run_id for c in mean if c.student == "minilm-l2"} & base
+
+
 def test_pick_layers_rejects_vision_teacher() -> None:
     teacher = VISION_KINDS["resnet56"](VISION_KINDS["resnet56"].Config())
     with pytest.raises(ConfigError, match="needs a text teacher"):

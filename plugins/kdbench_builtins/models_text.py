@@ -21,17 +21,28 @@ from torch import Tensor
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
 
+#: how the classification head reads a sequence: "cls" = the model's own head (BERT: the [CLS]
+#: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear
+POOLINGS = ("cls", "mean")
+
 
 class HFTextModel(KDModel):
     """A ``*ForSequenceClassification`` model behind kdbench's output interface."""
 
     modality = "text"
 
-    def __init__(self, model: Any, tokenizer: Any = None, origin: str = "") -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, origin: str = "", pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
+        if pooling == "mean" and not (isinstance(getattr(model, "classifier", None), torch.nn.Linear)
+                                      and isinstance(getattr(model, "dropout", None), torch.nn.Dropout)):
+            raise ConfigError(f'pooling = "mean" needs a BERT-style head (dropout, then one linear '
+                              f'classifier); {type(model).__name__} has another; use pooling = "cls"')
         self.model = model
         self._tokenizer = tokenizer
         self.origin = origin
+        self.pooling = pooling
 
     @property
     def tokenizer(self) -> Any:
@@ -62,12 +73,29 @@ class HFTextModel(KDModel):
                 f"model {self.origin!r} was built with attn_implementation="
                 f"{self.model.config._attn_implementation!r}, which returns no attention "
                 'probabilities; set attn_implementation = "eager" for losses that need attentions')
+        if self.pooling == "mean":
+            return self._mean_pooled(inputs, want, hidden, attn)
         out = self.model(**inputs, output_hidden_states=hidden, output_attentions=attn,
                          return_dict=True)
+        return self._output(out.logits, out, want, hidden, attn)
+
+    def _mean_pooled(self, inputs: Mapping[str, Tensor], want: frozenset[str], hidden: bool,
+                     attn: bool) -> ModelOutput:
+        """The head on the attention-masked mean of the last layer (the pooler goes unused)."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        out = base(**inputs, output_hidden_states=hidden, output_attentions=attn, return_dict=True)
+        last = out.last_hidden_state  # (B, T, H)
+        mask = inputs.get("attention_mask")
+        w = (torch.ones(last.shape[:2], device=last.device) if mask is None else mask).to(last.dtype)
+        pooled = (last * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
+        return self._output(self.model.classifier(self.model.dropout(pooled)), out, want, hidden, attn)
+
+    def _output(self, logits: Tensor, out: Any, want: frozenset[str], hidden: bool, attn: bool) -> ModelOutput:
+        """``logits`` plus what ``want`` asks for from the HF output ``out``."""
         hs: tuple[Tensor, ...] = tuple(out.hidden_states) if hidden else ()
         cls = torch.stack([h[:, 0] for h in hs], dim=1) if "cls" in want else None  # (B, L+1, H)
         att: tuple[Tensor, ...] = tuple(out.attentions) if attn else ()
-        return ModelOutput(logits=out.logits, hidden=hs if "hidden" in want else (),
+        return ModelOutput(logits=logits, hidden=hs if "hidden" in want else (),
                            attentions=att, cls=cls)
 
     def flops_per_example(self, seq_len: int = 128) -> float:

@@ -30,6 +30,10 @@
         layers = 6
         pick = "skip"          # "first" | "skip" | "last" | [1, 3, 5, 7, 9, 11]
         # checkpoint = "bert-base-uncased"; attn_implementation = "eager"
+        # pooling = "mean"     # read out a masked mean of the last layer (BERT-style heads)
+
+``pooling = "mean"`` suits students of mean-pooling sentence encoders such as all-MiniLM-L6-v2:
+the classifier then reads the masked mean of the last layer instead of the [CLS] pooler.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from torch import nn
 
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, StudentKind
-from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, seeded
+from kdbench_builtins.models_text import POOLINGS, HFConfig, HFModel, HFTextModel, TinyBert, seeded
 from kdbench_builtins.models_vision import VISION_KINDS
 
 
@@ -110,6 +114,7 @@ class PickLayersConfig:
     pick: str | tuple[int, ...] = "first"  # "first" | "skip" | "last" | explicit 0-based layer list
     checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
     attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
+    pooling: str = "cls"  # "cls": the head reads BERT's [CLS] pooler; "mean": masked mean of the last layer
 
 
 def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: int) -> list[int]:
@@ -152,7 +157,9 @@ class PickLayers(StudentKind):
     Config = PickLayersConfig
 
     def modality(self, teacher: ModelKind) -> str:
-        """Always "text"; a vision teacher is a config error (raised at plan time)."""
+        """Always "text"; a vision teacher or an unknown pooling is a config error (plan time)."""
+        if self.cfg.pooling not in POOLINGS:
+            raise ConfigError(f"pooling = {self.cfg.pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
         if teacher.modality != "text":
             raise ConfigError(f"student pick-layers needs a text teacher, but {teacher.name!r} is "
                               f"a {teacher.modality} model; use the \"model\" student with a "
@@ -198,7 +205,7 @@ class PickLayers(StudentKind):
                 state[key] = fresh
         model.load_state_dict(state, strict=True)
         origin = f"{source.origin}[{','.join(map(str, picked))}]"
-        return HFTextModel(model, tokenizer=source.tokenizer, origin=origin)
+        return HFTextModel(model, tokenizer=source.tokenizer, origin=origin, pooling=c.pooling)
 
 
 @kdbench.hookimpl
