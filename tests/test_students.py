@@ -137,7 +137,7 @@ def test_pick_layers_mean_pooling_reads_masked_mean(six_layer: Path) -> None:
     assert mean.model.classifier.weight.grad is not None
 
 
-def test_pooling_errors(six_layer: Path) -> None:
+def test_pooling_errors() -> None:
     from kdbench_builtins.models_text import HFTextModel
 
     with pytest.raises(ConfigError, match="pooling = 'max'; use one of 'cls', 'mean'"):
@@ -155,10 +155,10 @@ def test_later_options_at_default_keep_published_run_ids() -> None:
     base = {c.run_id for c in expand(load_suite("glue-small"), host)}
     same = {c.run_id for c in expand(load_suite("glue-small", ["students.minilm-l2.pooling=cls",
                                                                "train.label_mean_bias=false"]), host)}
-    mean = [c for c in expand(load_suite("glue-small", ["students.minilm-l2.pooling=mean"]), host)]
+    pooled = expand(load_suite("glue-small", ["students.minilm-l2.pooling=mean"]), host)
     assert same == base
-    assert {c.run_id for c in mean if c.student != "minilm-l2"} <= base
-    assert not {c.run_id for c in mean if c.student == "minilm-l2"} & base
+    assert {c.run_id for c in pooled if c.student != "minilm-l2"} <= base
+    assert not {c.run_id for c in pooled if c.student == "minilm-l2"} & base
 
 
 def test_pick_layers_rejects_vision_teacher() -> None:
