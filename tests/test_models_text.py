@@ -75,6 +75,17 @@ def test_tiny_bert_is_seeded_and_regression_aware() -> None:
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
+def test_init_output_bias_sets_the_one_output_head() -> None:
+    from kdbench.loop import init_output_bias
+
+    model = TinyBert(TinyBertConfig()).build(1, gen(5))
+    labels = torch.tensor([1.0, 2.0, 4.5, 0.5])
+    assert init_output_bias(model, labels) == pytest.approx(2.0)
+    assert torch.equal(model.model.classifier.bias, torch.tensor([2.0]))
+    with pytest.raises(ConfigError, match="no one-output linear layer"):
+        init_output_bias(TinyBert(TinyBertConfig()).build(3, gen(5)), labels)
+
+
 def test_tiny_bert_vocab_must_cover_tokenizer() -> None:
     with pytest.raises(ConfigError, match="vocab_size"):
         TinyBert(TinyBertConfig(vocab_size=100)).build(2, gen())

@@ -26,6 +26,12 @@ from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
 POOLINGS = ("cls", "mean")
 
 
+def check_pooling(pooling: str) -> None:
+    """Raise a ConfigError for a ``pooling`` outside :data:`POOLINGS`."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
+
+
 class HFTextModel(KDModel):
     """A ``*ForSequenceClassification`` model behind kdbench's output interface."""
 
@@ -33,8 +39,7 @@ class HFTextModel(KDModel):
 
     def __init__(self, model: Any, tokenizer: Any = None, origin: str = "", pooling: str = "cls") -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
+        check_pooling(pooling)
         if pooling == "mean" and not (isinstance(getattr(model, "classifier", None), torch.nn.Linear)
                                       and isinstance(getattr(model, "dropout", None), torch.nn.Dropout)):
             raise ConfigError(f'pooling = "mean" needs a BERT-style head (dropout, then one linear '
@@ -73,25 +78,17 @@ class HFTextModel(KDModel):
                 f"model {self.origin!r} was built with attn_implementation="
                 f"{self.model.config._attn_implementation!r}, which returns no attention "
                 'probabilities; set attn_implementation = "eager" for losses that need attentions')
-        if self.pooling == "mean":
-            return self._mean_pooled(inputs, want, hidden, attn)
-        out = self.model(**inputs, output_hidden_states=hidden, output_attentions=attn,
-                         return_dict=True)
-        return self._output(out.logits, out, want, hidden, attn)
-
-    def _mean_pooled(self, inputs: Mapping[str, Tensor], want: frozenset[str], hidden: bool,
-                     attn: bool) -> ModelOutput:
-        """The head on the attention-masked mean of the last layer (the pooler goes unused)."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        out = base(**inputs, output_hidden_states=hidden, output_attentions=attn, return_dict=True)
-        last = out.last_hidden_state  # (B, T, H)
-        mask = inputs.get("attention_mask")
-        w = (torch.ones(last.shape[:2], device=last.device) if mask is None else mask).to(last.dtype)
-        pooled = (last * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
-        return self._output(self.model.classifier(self.model.dropout(pooled)), out, want, hidden, attn)
-
-    def _output(self, logits: Tensor, out: Any, want: frozenset[str], hidden: bool, attn: bool) -> ModelOutput:
-        """``logits`` plus what ``want`` asks for from the HF output ``out``."""
+        kw = {"output_hidden_states": hidden, "output_attentions": attn, "return_dict": True}
+        if self.pooling == "mean":  # the base model, then the head on the masked mean (the pooler goes unused)
+            out = getattr(self.model, self.model.base_model_prefix)(**inputs, **kw)
+            last = out.last_hidden_state  # (B, T, H)
+            mask = inputs.get("attention_mask")
+            w = (torch.ones(last.shape[:2], device=last.device) if mask is None else mask).to(last.dtype)
+            pooled = (last * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, H)
+            logits = self.model.classifier(self.model.dropout(pooled))
+        else:
+            out = self.model(**inputs, **kw)
+            logits = out.logits
         hs: tuple[Tensor, ...] = tuple(out.hidden_states) if hidden else ()
         cls = torch.stack([h[:, 0] for h in hs], dim=1) if "cls" in want else None  # (B, L+1, H)
         att: tuple[Tensor, ...] = tuple(out.attentions) if attn else ()

@@ -48,7 +48,7 @@ from torch import nn
 
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, StudentKind
-from kdbench_builtins.models_text import POOLINGS, HFConfig, HFModel, HFTextModel, TinyBert, seeded
+from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, check_pooling, seeded
 from kdbench_builtins.models_vision import VISION_KINDS
 
 
@@ -158,8 +158,7 @@ class PickLayers(StudentKind):
 
     def modality(self, teacher: ModelKind) -> str:
         """Always "text"; a vision teacher or an unknown pooling is a config error (plan time)."""
-        if self.cfg.pooling not in POOLINGS:
-            raise ConfigError(f"pooling = {self.cfg.pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
+        check_pooling(self.cfg.pooling)
         if teacher.modality != "text":
             raise ConfigError(f"student pick-layers needs a text teacher, but {teacher.name!r} is "
                               f"a {teacher.modality} model; use the \"model\" student with a "
