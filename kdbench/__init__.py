@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     )
     from kdbench.hookspecs import hookimpl, hookspec
     from kdbench.lazy import lazy_import
+    from kdbench.options import option
     from kdbench.registry import Registrar
     from kdbench.types import (
         Batch,
@@ -46,6 +47,7 @@ _HOME = {
                      "PluginError"), "kdbench.errors"),
     **dict.fromkeys(("hookimpl", "hookspec"), "kdbench.hookspecs"),
     "lazy_import": "kdbench.lazy",
+    "option": "kdbench.options",
     "Registrar": "kdbench.registry",
     **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
                      "NoConfig", "QuizStream", "StepContext", "StudentKind", "Task",
@@ -76,6 +78,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "lazy_import",
+    "option",
 ]
 
 

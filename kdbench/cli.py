@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kdbench.errors import ExitCode, KdbenchError
 
@@ -31,6 +31,13 @@ EPILOG = textwrap.dedent("""\
     """)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with kdbench's usage exit code (4) instead of argparse's 2 ("interrupted")."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.USAGE_ERROR), f"kdbench: error: {message}. Hint: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands share the global plugin options)."""
     def plugin_options(p: argparse.ArgumentParser, top: bool) -> argparse.ArgumentParser:
@@ -41,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     # subcommands accept the global options too, without resetting values given before them
-    common = plugin_options(argparse.ArgumentParser(add_help=False), top=False)
-    parser = argparse.ArgumentParser(prog="kdbench", epilog=EPILOG,
+    common = plugin_options(_Parser(add_help=False), top=False)
+    parser = _Parser(prog="kdbench", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Knowledge-distillation benchmark with pluggable teacher-update rules.")
     plugin_options(parser, top=True)
@@ -67,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="deterministic algorithms (same as train.deterministic=true teacher_train.deterministic=true)")
         p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
         p.add_argument("--no-leaderboard", action="store_true", help="do not render after the run")
+        if name == "validate":
+            p.add_argument("--data", action="store_true",
+                           help="also read and check every planned task's files (no model is loaded)")
     ls = sub.add_parser("ls", parents=[common], help="list registered components")
     ls.add_argument("what", nargs="?", default="methods",
                     choices=["plugins", "tasks", "models", "students", "losses", "teacher-updates",
@@ -107,23 +117,20 @@ def make_host(args: argparse.Namespace) -> Host:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["run", *(argv or [])])
-    debug = args.traceback or os.environ.get("KDBENCH_DEBUG", "") not in ("", "0")
-    if args.command == "ls" and args.what != "suites":
-        from kdbench import lscache
+    """Entry point; returns the exit code (:class:`kdbench.errors.ExitCode`, as the README lists).
 
-        listing = lscache.lookup(default_cache_dir(), args)
-        if listing is not None:  # warm: no plugin (and no torch) import
-            sys.stdout.write(listing)
-            return int(ExitCode.OK)
+    A handled error prints one line; any other exception is a bug: one line, exit 3, and
+    ``--traceback`` (or ``KDBENCH_DEBUG=1``) shows where. A closed stdout (``kdbench ... | head``)
+    ends the command quietly.
+    """
+    debug = "--traceback" in (argv if argv is not None else sys.argv[1:]) or env_debug()
     try:
-        from kdbench import commands
-
-        return int(getattr(commands, f"cmd_{args.command}")(args))
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return int(ExitCode.OK)
     except KdbenchError as exc:
         if debug:
             raise
@@ -132,6 +139,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split())
+        print(f"kdbench: internal error: {type(exc).__name__}: {text[:300]} (a bug in kdbench or a "
+              "plugin; rerun with --traceback to see where)", file=sys.stderr)
+        return int(ExitCode.INTERNAL_ERROR)
+
+
+def env_debug() -> bool:
+    """True when ``KDBENCH_DEBUG`` asks for tracebacks."""
+    return os.environ.get("KDBENCH_DEBUG", "") not in ("", "0")
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run", *(argv or [])])
+    if args.command == "ls" and args.what != "suites":
+        from kdbench import lscache
+
+        listing = lscache.lookup(default_cache_dir(), args)
+        if listing is not None:  # warm: no plugin (and no torch) import
+            sys.stdout.write(listing)
+            return int(ExitCode.OK)
+    from kdbench import commands
+
+    return int(getattr(commands, f"cmd_{args.command}")(args))
 
 
 def print_json(obj: Any) -> None:

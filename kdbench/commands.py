@@ -36,7 +36,11 @@ def plan(args: argparse.Namespace) -> tuple[Host, Suite, list[Any]]:
     suite = _suite_from_args(args)
     if args.executor not in host.executors:
         raise ConfigError(f"--executor: {host.executors.unknown(args.executor)}")
-    return host, suite, expand(suite, host)
+    warnings: list[str] = []
+    cells = expand(suite, host, warnings)
+    for line in warnings:
+        print(f"kdbench: warning: {line}", file=sys.stderr)
+    return host, suite, cells
 
 
 def print_plan(cells: list[Any]) -> None:
@@ -48,11 +52,30 @@ def print_plan(cells: list[Any]) -> None:
               f"teacher={c.teacher} seed={c.seed}{na}")
 
 
+def check_data(host: Host, cells: list[Any], verbose: bool = False) -> None:
+    """Read and check the files of every planned task once (no model is built); the first bad
+    file raises :class:`kdbench.errors.DataError` (exit 8) before anything trains."""
+    from kdbench.data import check_files
+    from kdbench.options import as_dict
+
+    seen = set()
+    for c in cells:
+        key = (c.task, repr(as_dict(c.task_cfg)))
+        if c.na_reason or key in seen:
+            continue
+        seen.add(key)
+        rows = check_files(host.tasks.get(c.task)(c.task_cfg))
+        if verbose:
+            print(f"  data ok: {c.task}  " + ", ".join(f"{k} {v:,}" for k, v in sorted(rows.items())))
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate the suite and print the plan."""
-    _, suite, cells = plan(args)
+    """Validate the suite (and with --data its files) and print the plan."""
+    host, suite, cells = plan(args)
     print_plan(cells)
-    print(f"suite {suite.name!r} is valid")
+    if args.data:
+        check_data(host, cells, verbose=True)
+    print(f"suite {suite.name!r} is valid" + (" (data checked)" if args.data else ""))
     return int(ExitCode.OK)
 
 
@@ -74,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(cells)
         return int(ExitCode.OK)
+    check_data(host, cells)
     out_dir = Path(args.out_dir)
     results_dir = Path(args.results_dir) if args.results_dir else out_dir / "results" / suite.name
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()

@@ -23,70 +23,69 @@ import dataclasses
 import fnmatch
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, KdbenchError
+from kdbench.options import as_dict, coerce, identity, option, type_problem, validate_config
 from kdbench.registry import suggest
+
+__all__ = ["Suite", "TrainConfig", "as_dict", "build_config", "identity", "load_suite"]
+
+
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["linear", "constant", "multistep"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """The shared loop's options (one set for distillation, one for teacher fine-tuning)."""
 
-    epochs: int = 3  # passes over the training split
-    batch_size: int = 32  # examples per optimizer step
-    micro_batch_size: int = 0  # 0 = batch_size; smaller = gradient accumulation (set on OOM retry)
-    eval_batch_size: int = 256  # examples per evaluation forward
-    lr: float = 5e-5  # peak learning rate
-    weight_decay: float = 0.0  # AdamW/SGD weight decay (not on bias/LayerNorm)
-    optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.9  # SGD momentum
-    schedule: str = "linear"  # linear (warmup then decay) | constant | multistep
-    warmup: float = 0.0  # warmup fraction of total steps (linear schedule)
-    milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
-    gamma: float = 0.1  # multistep factor
-    grad_clip: float = 1.0  # max grad norm; 0 = off
+    epochs: int = option(3, ge=1)  # passes over the training split
+    batch_size: int = option(32, ge=1)  # examples per optimizer step
+    #: 0 = batch_size; smaller = gradient accumulation (set on OOM retry)
+    micro_batch_size: int = option(0, ge=0, execution_only=True)
+    eval_batch_size: int = option(256, ge=1)  # examples per evaluation forward
+    lr: float = option(5e-5, gt=0)  # peak learning rate
+    weight_decay: float = option(0.0, ge=0)  # AdamW/SGD weight decay (not on bias/LayerNorm)
+    optimizer: Optimizer = "adamw"
+    momentum: float = option(0.9, ge=0, lt=1)  # SGD momentum
+    schedule: Schedule = "linear"  # linear (warmup then decay) | constant | multistep
+    warmup: float = option(0.0, ge=0, le=1)  # warmup fraction of total steps (linear schedule)
+    milestones: tuple[int, ...] = option((), ge=1)  # epochs at which multistep multiplies lr by gamma
+    gamma: float = option(0.1, gt=0)  # multistep factor
+    grad_clip: float = option(1.0, ge=0)  # max grad norm; 0 = off
     select: str = ""  # split that selects the best epoch: "" = the task's first eval split, or "quiz"
-    log_every: int = 50  # steps between kdbench_log_metrics calls
-    max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke tests
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = option(50, ge=1, execution_only=True)  # steps between kdbench_log_metrics calls
+    max_steps: int = option(0, ge=0)  # stop after this many steps (0 = no cap); for smoke tests
+    device: str = option("auto", execution_only=True)  # auto | cpu | cuda | cuda:N
+    precision: Precision = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the student (frozen-teacher rules only: no double backward)
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuBLAS workspace
-    threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 = torch's default
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
-    oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
-    length_bucketing: int = 0  # text: sort by length within windows of this many batches; 0 = off
-    label_mean_bias: bool = False  # regression: start the output bias at the mean training label
+    #: CPU intra-op threads (torch.set_num_threads); 0 = torch's default. Execution-only, but not
+    #: bit-neutral: thread counts can move the last float bits (leaderboards/README.md)
+    threads: int = option(0, ge=0, execution_only=True)
+    #: steps between resumable checkpoints; 0 = end of every epoch
+    checkpoint_every: int = option(0, ge=0, execution_only=True)
+    #: on OOM, halve the micro-batch (same effective batch) this often
+    oom_retries: int = option(1, ge=0, execution_only=True)
+    #: text: sort by length within windows of this many batches; 0 = off (added after v1 results)
+    length_bucketing: int = option(0, ge=0, id_default=0)
+    #: regression: start the output bias at the mean training label (added after v1 results)
+    label_mean_bias: bool = option(False, id_default=False)
 
-
-#: TrainConfig fields that change how a cell executes, not what it specifies: left out of run ids
-#: and teacher-cache keys (still recorded in every result). Device and thread count can still move
-#: the last float bits, and training can amplify them (measured: leaderboards/README.md).
-EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every", "oom_retries",
-                            "micro_batch_size"})
-
-
-#: fields added after the first published results (train: length_bucketing, label_mean_bias;
-#: pick-layers student: pooling): left out of run ids while at their default, so results computed
-#: before they existed keep their ids
-_LATER_FIELDS: dict[str, Any] = {"length_bucketing": 0, "label_mean_bias": False, "pooling": "cls"}
-_UNSET = object()
-
-
-def drop_later_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` without the later-added fields that are at their default."""
-    return {k: v for k, v in options.items() if _LATER_FIELDS.get(k, _UNSET) != v}
-
-
-def train_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The TrainConfig fields that determine a result."""
-    return drop_later_defaults({k: v for k, v in as_dict(cfg).items() if k not in EXECUTION_ONLY})
+    def validate(self) -> list[str]:
+        """Device names and the milestone order."""
+        problems = []
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            problems.append(f"device = {self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            problems.append(f"milestones = {list(self.milestones)} must be increasing epochs")
+        return problems
 
 
 @dataclass
@@ -238,10 +237,11 @@ def task_section(raw: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def build_config(cls: type, layers: list[dict[str, Any]], where: str, problems: list[str]) -> Any:
-    """Instantiate the dataclass ``cls`` from option dicts (later layers win).
+    """Instantiate the dataclass ``cls`` from option dicts (later layers win) and validate it.
 
-    Unknown keys and wrong types are appended to ``problems`` (with suggestions); the defaults
-    are used for those keys so validation can continue.
+    Unknown keys, wrong types, typed choices, declared bounds and the Config's ``validate()`` hook
+    (:mod:`kdbench.options`) are appended to ``problems``, each prefixed with ``where``; the
+    defaults are used for bad keys so validation can continue.
     """
     if not dataclasses.is_dataclass(cls):
         return cls()
@@ -256,69 +256,15 @@ def build_config(cls: type, layers: list[dict[str, Any]], where: str, problems: 
                 continue
             ok, coerced = coerce(value, hints[key])
             if not ok:
-                problems.append(
-                    f"{where}: key {key!r} expects {_type_name(hints[key])}, got "
-                    f"{type(value).__name__} ({value!r}). Hint: in TOML, write numbers and "
-                    "booleans without quotes"
-                )
+                problems.append(f"{where}: {type_problem(key, value, hints[key])}")
                 continue
             values[key] = coerced
-    return cls(**values)
+    try:
+        cfg = cls(**values)
+    except (ValueError, TypeError, KdbenchError) as exc:  # a Config's own __post_init__ check
+        problems.append(f"{where}: {exc}")
+        return cls()
+    problems.extend(f"{where}: {p}" for p in validate_config(cfg))
+    return cfg
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check ``value`` against the annotation ``tp``; ints widen to floats, lists to tuples."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, out = coerce(value, arg)
-            if ok:
-                return True, out
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item_tp = args[0] if args else Any
-        items = []
-        for v in value:
-            ok, out = coerce(v, item_tp)
-            if not ok:
-                return False, value
-            items.append(out)
-        return True, tuple(items) if origin is tuple else items
-    if origin is dict:
-        return isinstance(value, dict), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp) if isinstance(tp, type) else True, value
-
-
-def as_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-able dict of a Config dataclass."""
-    if not dataclasses.is_dataclass(cfg):
-        return {}
-    return {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value

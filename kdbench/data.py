@@ -386,6 +386,23 @@ def _meta_rows(raw: dict[str, Any], column: Any, task: Task, quiz_rows: np.ndarr
     return np.flatnonzero(keep)
 
 
+def check_files(task: Task) -> dict[str, int]:
+    """Read and check a task's files as a cell would, without tokenising or building a model.
+
+    Runs ``task.load()``, the split/column/label checks and the train carve (cap and quiz split);
+    returns the rows per split. Raises :class:`DataError` naming the first bad file (and line).
+    ``kdbench run`` calls it once per planned task before training, ``kdbench validate --data``
+    on request.
+    """
+    cfg = task.cfg
+    raw = task.load()
+    _validate(task, raw, dict(getattr(task, "load_info", {}) or {}))
+    labels = np.asarray(_arrow(raw["train"]).column("label").to_numpy(), dtype=np.float64)
+    carve(labels, task, int(getattr(cfg, "max_train_examples", 0)), float(getattr(cfg, "quiz_fraction", 0.1)),
+          int(getattr(cfg, "data_seed", 42)))
+    return {name: len(ds) for name, ds in raw.items()}
+
+
 def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = None) -> TaskData:
     """Load, validate, carve and tensorise a task's splits.
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from kdbench.checkpoints import CorruptCheckpoint, load_state, save_state
-from kdbench.config import as_dict, train_identity
 from kdbench.loop import Loop, save_path, seed_for
+from kdbench.options import as_dict, identity
 from kdbench.plan import config_hash
 from kdbench.types import TeacherUpdate
 
@@ -36,7 +36,7 @@ def cache_key(spec: CellSpec, data: TaskData) -> str:
         "teacher": {"kind": spec.teacher_kind, **as_dict(spec.teacher_cfg)},
         "task": spec.task, "task_version": spec.versions.get("task", ""),
         "task_options": as_dict(spec.task_cfg), "data": data.fingerprint,
-        "recipe": train_identity(spec.teacher_train), "seed": spec.seed,
+        "recipe": identity(spec.teacher_train), "seed": spec.seed,
     }, n=16)
 
 

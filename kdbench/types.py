@@ -251,6 +251,8 @@ class DistillLoss(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: False for a loss that ignores the teacher entirely (cross-entropy baseline)
     uses_teacher: ClassVar[bool] = True
+    #: True for the one loss that teacher fine-tuning cells train with (hard labels only)
+    for_teacher_training: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
         super().__init__()
@@ -386,6 +388,11 @@ class Method:
 
     ``defaults`` maps a section ("loss", "teacher_update", "train") to option values that
     override the components' own defaults (and are overridden by suite files and the CLI).
+
+    ``role`` tells the host what the method is for, without the host knowing its name:
+    ``"no-kd"`` is the student-without-KD row that every suite with ``baselines = true`` plans;
+    ``"reference"`` is the method the paired tables compare every other method to (unless the
+    suite sets ``compare_to``). At most one registered method may hold each role.
     """
 
     name: str
@@ -395,6 +402,7 @@ class Method:
     paper: str = ""
     version: str = "1"
     description: str = ""
+    role: str = ""  # "" | "no-kd" | "reference"
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:

@@ -64,6 +64,7 @@ class FakeKD(kdbench.DistillLoss):
 class FakeCE(kdbench.DistillLoss):
     name = "ce"
     uses_teacher = False
+    for_teacher_training = True
 
 
 class TextOnly(kdbench.DistillLoss):
@@ -124,4 +125,4 @@ def kdbench_register_methods(register):
     register(kdbench.Method("fkd", "frozen", "fake-kd", defaults={"loss": {"temperature": 2.0}}))
     register(kdbench.Method("quiz-kd", "quizzy", "fake-kd"))
     register(kdbench.Method("text-kd", "frozen", "text-only"))
-    register(kdbench.Method("no-kd", "frozen", "ce"))
+    register(kdbench.Method("no-kd", "frozen", "ce", role="no-kd"))

@@ -29,7 +29,7 @@ def test_suite_with_three_mistakes_reports_all(tmp_path, capsys):
     assert main(["validate", "--suite", str(path)]) == ExitCode.CONFIG_ERROR
     err = capsys.readouterr().err
     assert "3 problems" in err and "unknown method 'kdd'" in err
-    assert "key 'epochs' expects int, got str ('1')" in err and "unknown key 'bach'" in err
+    assert "epochs expects int, got str ('1')" in err and "unknown key 'bach'" in err
 
 
 def test_dry_run_lists_cells(capsys):

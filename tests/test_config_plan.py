@@ -99,7 +99,7 @@ def test_all_errors_at_once(host, tmp_path):
     msg = str(err.value)
     assert "problems" in msg
     assert "unknown method 'fkdd'; Did you mean 'fkd'?" in msg
-    assert "key 'alpha' expects float, got str ('0.7')" in msg
+    assert "alpha expects float, got str ('0.7')" in msg
     assert "unknown key 'temprature'. Did you mean 'temperature'?" in msg
     assert "unknown key 'epochz'" in msg
 

@@ -42,14 +42,15 @@ _PKD_LOSS = {"temperature": 10.0, "alpha": 0.7, "beta": 500.0, "normalize": True
 METHODS = (
     Method(name="kd", teacher_update="frozen", loss="kd",
            defaults={"loss": {"temperature": 5.0, "alpha": 0.5}}, paper=KD_PAPER, version="1",
-           description="Hinton KD from a frozen fine-tuned teacher (canonical T²·KL batchmean)."),
+           description="Hinton KD from a frozen fine-tuned teacher (canonical T²·KL batchmean).",
+           role="reference"),
     Method(name="pkd-skip", teacher_update="frozen", loss="pkd",
            defaults={"loss": {**_PKD_LOSS, "layer_map": "skip"}}, paper=PKD_PAPER, version="1",
            description="PKD-Skip: KD + patient [CLS] loss on every other teacher layer."),
     Method(name="pkd-last", teacher_update="frozen", loss="pkd",
            defaults={"loss": {**_PKD_LOSS, "layer_map": "last"}}, paper=PKD_PAPER, version="1",
            description="PKD-Last: KD + patient [CLS] loss on the last teacher layers."),
-    Method(name="no-kd", teacher_update="frozen", loss="ce", defaults={}, paper="", version="1",
+    Method(name="no-kd", teacher_update="frozen", loss="ce", defaults={}, paper="", version="1", role="no-kd",
            description="The student fine-tuned on hard labels only (no distillation)."),
 )
 

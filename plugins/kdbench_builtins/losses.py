@@ -18,20 +18,23 @@ The hard-label term is named ``"ce"`` for every task (MSE for regression).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kdbench
 from kdbench.errors import ConfigError, NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registrar
 from kdbench.types import Batch, DistillLoss, KDModel, ModelOutput, NoConfig, Task
 
-SOFT_LOSSES = ("kl", "prob_mse", "logit_mse", "soft_ce")
-REDUCTIONS = ("batchmean", "elementwise_mean")
+SoftLoss = Literal["kl", "prob_mse", "logit_mse", "soft_ce"]
+Reduction = Literal["batchmean", "elementwise_mean"]
+SOFT_LOSSES: tuple[str, ...] = typing.get_args(SoftLoss)
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -88,18 +91,6 @@ def soft_loss(z_s: Tensor, z_t: Tensor, temperature: float, kind: str = "kl",
     return red * (t * t) if kind in ("kl", "prob_mse") else red
 
 
-def _check_choice(loss: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"loss {loss!r} key {key!r} must be one of {', '.join(allowed)}; "
-                          f"got {value!r}. Hint: fix the value in the suite file or CLI override.")
-
-
-def _check_range(loss: str, key: str, value: float, lo: float, hi: float | None) -> None:
-    if value < lo or (hi is not None and value > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"loss {loss!r} key {key!r} must be {rng}; got {value!r}.")
-
-
 class CrossEntropy(DistillLoss):
     """``ce``: hard labels only (student without KD; teacher fine-tuning). MSE for regression."""
 
@@ -107,6 +98,7 @@ class CrossEntropy(DistillLoss):
     version = "1"
     Config = NoConfig
     uses_teacher = False
+    for_teacher_training = True
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:  # type: ignore[override]
         """Args: student logits (B, C); teacher ignored; batch labels (B,). Returns {"ce"}."""
@@ -117,10 +109,11 @@ class CrossEntropy(DistillLoss):
 class KDConfig:
     """Options of the Hinton KD loss."""
 
-    temperature: float = 4.0  # softmax temperature T
-    alpha: float = 0.5  # weight of the soft term; (1 - alpha) weighs the hard-label term
-    reduction: str = "batchmean"  # "batchmean" (canonical) | "elementwise_mean" (PKD code, 1/C)
-    soft_loss: str = "kl"  # "kl" | "prob_mse" (MetaDistil NLP) | "logit_mse" | "soft_ce" (Meta-KD)
+    temperature: float = kdbench.option(4.0, gt=0)  # softmax temperature T
+    #: weight of the soft term; (1 - alpha) weighs the hard-label term
+    alpha: float = kdbench.option(0.5, ge=0, le=1)
+    reduction: Reduction = "batchmean"  # "batchmean" (canonical) | "elementwise_mean" (PKD code, 1/C)
+    soft_loss: SoftLoss = "kl"  # "kl" | "prob_mse" (MetaDistil NLP) | "logit_mse" | "soft_ce" (Meta-KD)
 
 
 class HintonKD(DistillLoss):
@@ -132,14 +125,6 @@ class HintonKD(DistillLoss):
     name = "kd"
     version = "1"
     Config: ClassVar[type] = KDConfig
-
-    def __init__(self, cfg: Any, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
-        super().__init__(cfg, task=task, teacher=teacher, student=student)
-        _check_choice(self.name, "reduction", cfg.reduction, REDUCTIONS)
-        _check_choice(self.name, "soft_loss", cfg.soft_loss, SOFT_LOSSES)
-        _check_range(self.name, "alpha", cfg.alpha, 0.0, 1.0)
-        if cfg.temperature <= 0:
-            raise ConfigError(f"loss {self.name!r} key 'temperature' must be > 0; got {cfg.temperature!r}.")
 
     def logit_terms(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:
         """The weighted ``ce`` and ``kd`` terms from the logits (B, C)."""
@@ -199,13 +184,15 @@ def pkd_layer_map(teacher_layers: int, student_layers: int, spec: Any) -> list[t
 class PKDConfig:
     """Options of PKD (defaults: the predefined PKD-skip run, methods.md §3.3)."""
 
-    temperature: float = 10.0  # softmax temperature T
-    alpha: float = 0.7  # weight of the soft term; (1 - alpha) weighs the hard-label term
-    beta: float = 500.0  # weight of the patient loss
+    temperature: float = kdbench.option(10.0, gt=0)  # softmax temperature T
+    #: weight of the soft term; (1 - alpha) weighs the hard-label term
+    alpha: float = kdbench.option(0.7, ge=0, le=1)
+    beta: float = kdbench.option(500.0, ge=0)  # weight of the patient loss
     normalize: bool = True  # L2-normalise the [CLS] vectors before the MSE
-    layer_map: str | tuple[int, ...] = "skip"  # "skip" | "last" | 1-based teacher layers
-    reduction: str = "batchmean"  # soft-loss reduction, as in kd
-    soft_loss: str = "kl"  # soft loss, as in kd
+    #: "skip" | "last" | 1-based teacher layers
+    layer_map: Literal["skip", "last"] | tuple[int, ...] = kdbench.option("skip", ge=1)
+    reduction: Reduction = "batchmean"  # soft-loss reduction, as in kd
+    soft_loss: SoftLoss = "kl"  # soft loss, as in kd
 
 
 class PatientKD(HintonKD):
@@ -260,8 +247,8 @@ class PatientKD(HintonKD):
 class TinyBertLossConfig:
     """Options of the TinyBERT intermediate-layer loss."""
 
-    hidden_weight: float = 1.0  # weight of the hidden-state MSE
-    attention_weight: float = 1.0  # weight of the attention-probability MSE
+    hidden_weight: float = kdbench.option(1.0, ge=0)  # weight of the hidden-state MSE
+    attention_weight: float = kdbench.option(1.0, ge=0)  # weight of the attention-probability MSE
     include_embeddings: bool = True  # also match the embedding outputs (layer 0 ↔ 0)
     project: bool = True  # learned Linear student width → teacher width (False: widths must match)
     init_seed: int = 0  # seed of the projection's initialisation

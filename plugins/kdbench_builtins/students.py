@@ -114,7 +114,7 @@ class PickLayersConfig:
     pick: str | tuple[int, ...] = "first"  # "first" | "skip" | "last" | explicit 0-based layer list
     checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
     attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
-    pooling: str = "cls"  # "cls": the head reads BERT's [CLS] pooler; "mean": masked mean of the last layer
+    pooling: str = kdbench.option("cls", id_default="cls")  # "cls": the head reads BERT's [CLS] pooler; "mean": masked mean of the last layer
 
 
 def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: int) -> list[int]:
