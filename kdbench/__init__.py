@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from kdbench.hookspecs import hookimpl, hookspec
     from kdbench.lazy import lazy_import
     from kdbench.registry import Registrar
+    from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions
     from kdbench.types import (
         Batch,
         DistillLoss,
@@ -47,6 +48,7 @@ _HOME = {
     **dict.fromkeys(("hookimpl", "hookspec"), "kdbench.hookspecs"),
     "lazy_import": "kdbench.lazy",
     "Registrar": "kdbench.registry",
+    **dict.fromkeys(("DataOptions", "SourceOptions", "TextDataOptions"), "kdbench.taskopts"),
     **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
                      "NoConfig", "QuizStream", "StepContext", "StudentKind", "Task",
                      "TeacherUpdate"), "kdbench.types"),
@@ -56,6 +58,7 @@ __all__ = [
     "Batch",
     "ConfigError",
     "DataError",
+    "DataOptions",
     "DistillLoss",
     "ExitCode",
     "KDModel",
@@ -68,10 +71,12 @@ __all__ = [
     "PluginError",
     "QuizStream",
     "Registrar",
+    "SourceOptions",
     "StepContext",
     "StudentKind",
     "Task",
     "TeacherUpdate",
+    "TextDataOptions",
     "__version__",
     "hookimpl",
     "hookspec",

@@ -23,6 +23,7 @@ from kdbench.config import (
     train_identity,
 )
 from kdbench.errors import ConfigError
+from kdbench.taskopts import data_options
 
 if TYPE_CHECKING:
     from kdbench.manager import Host
@@ -200,7 +201,8 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
                                     f"use one of {', '.join((*task_cls.eval_splits, 'quiz'))}")
             task = task_cls(task_cfgs[task_name])
             reason = loss_cls.check(task) or rule_cls.check(task) or ""
-            if not reason and rule_cls.needs_quiz and not getattr(task_cfgs[task_name], "quiz_fraction", 0):
+            if not reason and rule_cls.needs_quiz and not data_options(
+                    task_cfgs[task_name], text=task_cls.modality == "text", task=task_name).quiz_fraction:
                 reason = (f"{method_name} needs a quiz split; task {task_name!r} has quiz_fraction=0")
             for sname, (tname, skind, scfg, modality) in students.items():
                 if modality != task_cls.modality:

@@ -14,8 +14,9 @@ import torch
 
 import kdbench.data as kd
 from kdbench.data import TensorSplit, prepare_data, stratified_choice
-from kdbench.errors import DataError
-from kdbench.types import Task
+from kdbench.errors import DataError, PluginError
+from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions, data_options
+from kdbench.types import NoConfig, Task
 from kdbench_builtins.tasks_toy import REVIEW_DOMAINS, Digits, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
@@ -36,11 +37,8 @@ def tok() -> Any:
 
 
 @dataclass(frozen=True)
-class FakeCfg:
+class FakeCfg(TextDataOptions):
     max_seq_length: int = 16
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
 
 
 class FakeText(Task):
@@ -249,6 +247,35 @@ def test_unlabelled_test_split_is_allowed_but_not_for_train() -> None:
     splits = {**fake_splits(), "test": {"text_a": ["x", "y"], "label": [-1, -1]}}
     with pytest.raises(DataError, match="no tokenizer"):  # validation passed, then stops
         prepare_data(FakeText(FakeCfg(), splits), tokenizer=None)
+
+
+def test_data_options_one_typed_default() -> None:
+    import dataclasses
+
+    from kdbench_builtins.tasks_amazon import AmazonConfig
+    from kdbench_builtins.tasks_cifar100 import Cifar100Config
+    from kdbench_builtins.tasks_glue import GlueConfig
+    from kdbench_builtins.tasks_toy import DigitsConfig
+
+    text = {f.name for f in dataclasses.fields(TextDataOptions)}
+    assert text == {"max_seq_length", "max_train_examples", "quiz_fraction", "data_seed"}
+    for cfg in (GlueConfig(), AmazonConfig(), ReviewsConfig()):
+        assert data_options(cfg, text=True) is cfg and isinstance(cfg, TextDataOptions)
+    for vis in (Cifar100Config(), DigitsConfig()):
+        assert data_options(vis, text=False) is vis and not hasattr(vis, "max_seq_length")
+    for src in (GlueConfig(), AmazonConfig(), Cifar100Config()):
+        assert isinstance(src, SourceOptions) and (src.source, src.data_dir) == ("local", "")
+    assert data_options(NoConfig(), text=True) == TextDataOptions()  # no options: the defaults
+    assert data_options(NoConfig(), text=False) == DataOptions()
+
+    @dataclass(frozen=True)
+    class Loose:  # defines a pipeline option without the typed base
+        quiz_fraction: float = 0.0
+
+    with pytest.raises(PluginError, match=r"task 'x': its Config Loose must extend kdbench.TextDataOptions \(it defines quiz_fraction\)"):
+        data_options(Loose(), text=True, task="x")
+    with pytest.raises(PluginError, match="must extend kdbench.TextDataOptions"):
+        data_options(DigitsConfig(), text=True, task="x")  # a text task needs max_seq_length
 
 
 def test_toy_digits_vision_pipeline() -> None:

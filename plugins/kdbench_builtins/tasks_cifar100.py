@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import DataOptions, SourceOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -162,14 +163,9 @@ def images_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
 
 
 @dataclass(frozen=True)
-class Cifar100Config:
-    """Options of the CIFAR-100 task."""
-
-    source: str = "local"  # "local" (cifar-100-python under data_dir) | "hub" (uoft-cs/cifar100)
-    data_dir: str = ""  # folder holding cifar-100-python/ (or that folder itself)
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+class Cifar100Config(DataOptions, SourceOptions):
+    """Options of the CIFAR-100 task: the shared data options; ``source`` "local"
+    (``data_dir`` holds cifar-100-python/, or is that folder) or "hub" (uoft-cs/cifar100)."""
 
 
 class Cifar100(Task):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import DataOptions, TextDataOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -27,12 +28,8 @@ datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` 
 
 
 @dataclass(frozen=True)
-class DigitsConfig:
-    """Options of toy/digits."""
-
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+class DigitsConfig(DataOptions):
+    """Options of toy/digits: the shared data options."""
 
 
 class Digits(Task):
@@ -94,16 +91,13 @@ _FILLER = ["the", "this", "my", "really", "quite", "very", "and", "overall", "i"
 
 
 @dataclass(frozen=True)
-class ReviewsConfig:
-    """Options of toy/reviews."""
+class ReviewsConfig(TextDataOptions):
+    """Options of toy/reviews: the shared data options, plus"""
 
+    max_seq_length: int = 32  # short generated sentences
     domain: str = "books"  # target domain: one of REVIEW_DOMAINS
     per_domain: int = 600  # generated sentences per domain (split 70/10/20)
     label_noise: float = 0.05  # fraction of flipped labels
-    max_seq_length: int = 32
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
 
 
 def generate_reviews(per_domain: int, label_noise: float, seed: int = 1234) -> dict[str, np.ndarray]:
