@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kdbench.lazy import lazy_import
     from kdbench.options import option
     from kdbench.registry import Registrar
+    from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions
     from kdbench.types import (
         Batch,
         DistillLoss,
@@ -49,6 +50,7 @@ _HOME = {
     "lazy_import": "kdbench.lazy",
     "option": "kdbench.options",
     "Registrar": "kdbench.registry",
+    **dict.fromkeys(("DataOptions", "SourceOptions", "TextDataOptions"), "kdbench.taskopts"),
     **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
                      "NoConfig", "QuizStream", "StepContext", "StudentKind", "Task",
                      "TeacherUpdate"), "kdbench.types"),
@@ -58,6 +60,7 @@ __all__ = [
     "Batch",
     "ConfigError",
     "DataError",
+    "DataOptions",
     "DistillLoss",
     "ExitCode",
     "KDModel",
@@ -70,10 +73,12 @@ __all__ = [
     "PluginError",
     "QuizStream",
     "Registrar",
+    "SourceOptions",
     "StepContext",
     "StudentKind",
     "Task",
     "TeacherUpdate",
+    "TextDataOptions",
     "__version__",
     "hookimpl",
     "hookspec",

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kdbench.errors import DataError
+from kdbench.taskopts import TextDataOptions, data_options
 from kdbench.types import Batch, Task
 
 if TYPE_CHECKING:
@@ -415,17 +416,18 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     quiz rows (:func:`_meta_rows`), else the train split itself.
 
     Args:
-        task: the task instance; its ``cfg`` may set max_seq_length (128), max_train_examples (0 =
-            all), quiz_fraction (0.1) and data_seed (42). A task may set ``load_info`` (dict) in
+        task: the task instance; its ``cfg`` extends :class:`kdbench.taskopts.DataOptions`
+            (:func:`~kdbench.taskopts.data_options`). A task may set ``load_info`` (dict) in
             ``load()``: source, files read and rows per split; it is copied into ``info``.
         tokenizer: a fast HF tokenizer for text tasks (ignored for vision).
         cache_dir: where token tensors are cached; None disables caching.
     """
     cfg = task.cfg
-    max_len = int(getattr(cfg, "max_seq_length", 128))
-    max_train = int(getattr(cfg, "max_train_examples", 0))
-    quiz_fraction = float(getattr(cfg, "quiz_fraction", 0.1))
-    seed = int(getattr(cfg, "data_seed", 42))
+    opts = data_options(cfg, text=task.modality == "text", task=task.name)
+    max_len = opts.max_seq_length if isinstance(opts, TextDataOptions) else 0  # 0: vision, no tokens
+    max_train = opts.max_train_examples
+    quiz_fraction = opts.quiz_fraction
+    seed = opts.data_seed
     raw = task.load()
     load_info = dict(getattr(task, "load_info", {}) or {})
     _validate(task, raw, load_info)

@@ -17,6 +17,7 @@ from kdbench.config import Suite, TrainConfig, build_config, section, task_secti
 from kdbench.errors import ConfigError
 from kdbench.options import as_dict, identity
 from kdbench.registry import suggest
+from kdbench.taskopts import data_options
 from kdbench.types import TeacherUpdate
 
 if TYPE_CHECKING:
@@ -245,7 +246,8 @@ def _method_cells(suite: Suite, host: Host, method_name: str, tasks: dict[str, A
                                 f"use one of {', '.join((*task_cls.eval_splits, 'quiz'))}")
         task = task_cls(task_cfgs[task_name])
         reason = loss_cls.check(task) or rule_cls.check(task) or ""
-        if not reason and rule_cls.needs_quiz and not getattr(task_cfgs[task_name], "quiz_fraction", 0):
+        if not reason and rule_cls.needs_quiz and not data_options(
+                task_cfgs[task_name], text=task_cls.modality == "text", task=task_name).quiz_fraction:
             reason = f"{method_name} needs a quiz split; task {task_name!r} has quiz_fraction=0"
         versions = {"method": method.version, "task": task_cls.version,
                     "loss": loss_cls.version, "teacher_update": rule_cls.version}

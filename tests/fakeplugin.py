@@ -8,8 +8,7 @@ import kdbench
 
 
 @dataclass(frozen=True, slots=True)
-class FakeTaskConfig:
-    quiz_fraction: float = 0.1
+class FakeTaskConfig(kdbench.TextDataOptions):
     max_seq_length: int = 16
 
 

@@ -14,9 +14,10 @@ import torch
 
 import kdbench.data as kd
 from kdbench.data import TensorSplit, prepare_data, stratified_choice
-from kdbench.errors import DataError
-from kdbench.types import Task
-from kdbench_builtins.tasks_toy import REVIEW_DOMAINS, Digits, Reviews, ReviewsConfig
+from kdbench.errors import DataError, PluginError
+from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions, data_options
+from kdbench.types import NoConfig, Task
+from kdbench_builtins.tasks_toy import REVIEW_DOMAINS, Digits, DigitsConfig, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -36,11 +37,8 @@ def tok() -> Any:
 
 
 @dataclass(frozen=True)
-class FakeCfg:
+class FakeCfg(TextDataOptions):
     max_seq_length: int = 16
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
 
 
 class FakeText(Task):
@@ -251,6 +249,34 @@ def test_unlabelled_test_split_is_allowed_but_not_for_train() -> None:
         prepare_data(FakeText(FakeCfg(), splits), tokenizer=None)
 
 
+def test_data_options_one_typed_default() -> None:
+    import dataclasses
+
+    from kdbench_builtins.tasks_amazon import AmazonConfig
+    from kdbench_builtins.tasks_cifar100 import Cifar100Config
+    from kdbench_builtins.tasks_glue import GlueConfig
+
+    text = {f.name for f in dataclasses.fields(TextDataOptions)}
+    assert text == {"max_seq_length", "max_train_examples", "quiz_fraction", "data_seed"}
+    for cfg in (GlueConfig(), AmazonConfig(), ReviewsConfig()):
+        assert data_options(cfg, text=True) is cfg and isinstance(cfg, TextDataOptions)
+    for vis in (Cifar100Config(), DigitsConfig()):
+        assert data_options(vis, text=False) is vis and not hasattr(vis, "max_seq_length")
+    for src in (GlueConfig(), AmazonConfig(), Cifar100Config()):
+        assert isinstance(src, SourceOptions) and (src.source, src.data_dir) == ("local", "")
+    assert data_options(NoConfig(), text=True) == TextDataOptions()  # no options: the defaults
+    assert data_options(NoConfig(), text=False) == DataOptions()
+
+    @dataclass(frozen=True)
+    class Loose:  # defines a pipeline option without the typed base
+        quiz_fraction: float = 0.0
+
+    with pytest.raises(PluginError, match=r"task 'x': its Config Loose must extend kdbench.TextDataOptions \(it defines quiz_fraction\)"):
+        data_options(Loose(), text=True, task="x")
+    with pytest.raises(PluginError, match="must extend kdbench.TextDataOptions"):
+        data_options(DigitsConfig(), text=True, task="x")  # a text task needs max_seq_length
+
+
 def test_toy_digits_vision_pipeline() -> None:
     td = prepare_data(Digits(), tokenizer=None)
     px = td.train.tensors["pixel_values"]
@@ -284,11 +310,41 @@ def test_toy_reviews_meta_train_excludes_every_domains_quiz_rows(tok: Any) -> No
     assert "generated" in task.version and "GENERATED" in (Reviews.__doc__ or "")
 
 
-def test_toy_reviews_is_learnable() -> None:
+def test_toy_reviews_needs_word_order_and_is_learnable() -> None:
+    """Bag-of-words cannot read "not" / "but"; word n-grams can; train labels are noisy, dev clean."""
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    d = Reviews().load()
-    vec = CountVectorizer().fit(d["meta_train"]["text_a"])
-    clf = LogisticRegression(max_iter=200).fit(vec.transform(d["train"]["text_a"]), d["train"]["label"])
-    assert clf.score(vec.transform(d["dev"]["text_a"]), d["dev"]["label"]) > 0.85
+    from kdbench_builtins.tasks_toy import generate_reviews
+
+    d = Reviews(ReviewsConfig(per_domain=2000)).load()
+
+    def dev_score(ngrams: tuple[int, int]) -> float:
+        vec = CountVectorizer(ngram_range=ngrams, token_pattern=r"\S+").fit(d["meta_train"]["text_a"])
+        clf = LogisticRegression(max_iter=2000).fit(vec.transform(d["meta_train"]["text_a"]), d["meta_train"]["label"])
+        return float(clf.score(vec.transform(d["dev"]["text_a"]), d["dev"]["label"]))
+
+    assert dev_score((1, 1)) < 0.85 < dev_score((1, 3))
+    clean = generate_reviews(2000)["label"]
+    assert np.array_equal(np.asarray(d["dev"]["label"]), clean[np.asarray(d["dev"]["row_id"])])
+    flipped = np.mean(np.asarray(d["meta_train"]["label"]) != clean[np.asarray(d["meta_train"]["row_id"])])
+    assert flipped == pytest.approx(ReviewsConfig().label_noise, abs=0.002)
+
+
+def test_toy_digits_is_harder_than_raw_digits() -> None:
+    """Shift and pixel noise keep a linear model well below raw digits; dev labels stay clean."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = Digits().load()
+    x = {s: np.asarray(d[s]["image"], np.float32).reshape(len(d[s]), -1) / 255 for s in ("train", "dev")}
+    acc = LogisticRegression(max_iter=300).fit(x["train"], d["train"]["label"]).score(x["dev"], d["dev"]["label"])
+    assert 0.3 < acc < 0.9
+    clean = Digits(DigitsConfig(label_noise=0.0)).load()
+    assert d["dev"]["label"] == clean["dev"]["label"]  # dev labels are never flipped
+    flipped = np.mean(np.asarray(d["train"]["label"]) != np.asarray(clean["train"]["label"]))
+    assert flipped == pytest.approx(DigitsConfig().label_noise, abs=0.001)
+    assert np.array_equal(np.asarray(clean["train"]["image"]), np.asarray(d["train"]["image"]))
+    assert sorted(set(clean["train"]["label"])) == sorted(set(load_digits().target.tolist()))
+    with pytest.raises(DataError, match="label_noise=0.6 must be in"):
+        Digits(DigitsConfig(label_noise=0.6)).load()

@@ -62,6 +62,17 @@ def test_accepts_tensors_and_score_skips_unlabelled_rows() -> None:
     assert km.score(("accuracy",), preds, torch.full((4,), -1)) == {}
 
 
+def test_shared_correlation_helpers() -> None:
+    from kdbench.metrics.module import average_ranks, pearson, spearman
+
+    assert average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    x, y = RNG.normal(size=50), RNG.normal(size=50)
+    assert spearman(x, y) == pytest.approx(pearson(average_ranks(x), average_ranks(y)), abs=1e-15)
+    assert np.isnan(pearson([1.0, 1.0], [0.0, 2.0])) and np.isnan(spearman([2, 2, 2], [1, 2, 3]))
+    assert km.load("spearmanr").info.features["predictions"].dtype == "float64"
+    assert km.load("f1").info.features["references"].dtype == "int64"
+
+
 def test_unknown_metric_and_length_mismatch() -> None:
     with pytest.raises(KeyError, match="unknown metric 'bleu'"):
         km.compute("bleu", [1], [1])
@@ -76,6 +87,7 @@ def test_evaluate_load_by_path_works_offline(tmp_path: Path) -> None:
         "for name in sorted({v[0] for v in km.METRICS.values()}):\n"
         "    m = evaluate.load(str(km.module_path(name)))\n"
         "    assert type(m).__module__.endswith(name), type(m).__module__\n"
+        "    assert type(m).__name__ != 'KdbenchMetric' and m.info.features, type(m)\n"
         "print(km.compute('accuracy', [1, 0, 1, 1], [1, 0, 0, 1]))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

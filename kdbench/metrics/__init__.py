@@ -1,7 +1,8 @@
 """Official task metrics as Hugging Face ``evaluate`` modules shipped inside the package.
 
 Each metric is an ``evaluate.Metric`` script in ``kdbench/metrics/<name>/<name>.py``, written for
-kdbench with numpy only, and loaded **by path** with ``evaluate.load(<dir>)``. A local path never
+kdbench with numpy only on the shared base and correlation helpers of
+:mod:`kdbench.metrics.module`, and loaded **by path** with ``evaluate.load(<dir>)``. A local path never
 touches the Hub, so this works offline (``HF_HUB_OFFLINE=1``), unlike ``evaluate.load("accuracy")``
 which must fetch the script. ``evaluate`` copies the script into ``HF_MODULES_CACHE`` on first
 load; ``keep_in_memory=True`` keeps results off disk (no Arrow cache files, no file locks).

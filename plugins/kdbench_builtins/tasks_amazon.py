@@ -30,6 +30,7 @@ import numpy as np
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import SourceOptions, TextDataOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -57,16 +58,13 @@ SEED = 11111
 
 
 @dataclass(frozen=True)
-class AmazonConfig:
-    """Options of the Amazon tasks."""
+class AmazonConfig(TextDataOptions, SourceOptions):
+    """Options of the Amazon tasks: the shared data options, plus
 
-    source: str = "local"  # "local" (sorted_data_acl under data_dir) | "download" (Blitzer's archive)
-    data_dir: str = ""  # the sorted_data_acl folder; for "download": where to put it
+    ``source`` "local" (the sorted_data_acl folder is ``data_dir``) or "download" (Blitzer's
+    archive, unpacked under ``data_dir``)."""
+
     archive_sha256: str = ""  # optional pin of the archive itself (hex)
-    max_seq_length: int = 128
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
 
 
 def sha256_file(path: Path) -> str:

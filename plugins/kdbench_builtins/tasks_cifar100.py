@@ -5,11 +5,14 @@ Splits: "train" (50,000) and "test" (10,000). ``eval_splits = ("test",)``: by CI
 method that selects epochs on it therefore tunes on the reported split, which the leaderboard
 should state (or select on the quiz split carved from train).
 
-Local files (``cifar-100-python/{train,test,meta}``) are Python-2 pickles of dicts (bytes keys ->
-numpy arrays / lists). They are read with a restricted unpickler that only resolves the globals
-those files contain - ``numpy.core.multiarray._reconstruct`` (``numpy._core.multiarray`` in
-pickles written by numpy >= 2), ``numpy.ndarray`` and ``numpy.dtype`` - and refuses anything else
-(e.g. ``os.system``) with a :class:`DataError`, so a tampered file cannot run code.
+Local files (``cifar-100-python/{train,test,meta}``) are pickles of dicts (bytes or str keys ->
+numpy arrays / lists): Python 2 wrote the originals; Python 3 re-saves (protocol 2 encodes bytes
+through ``_codecs.encode``, protocol 5 arrays through ``numpy._core.numeric._frombuffer``). They are
+read with a restricted unpickler that resolves only :data:`ALLOWED_GLOBALS` - numpy's array,
+dtype and scalar reconstructors under ``numpy.core`` (numpy 1.x) and ``numpy._core`` (numpy >= 2),
+a latin-1-only ``_codecs.encode`` and an argument-less ``bytes`` - and refuses anything else (e.g.
+``os.system``) with a :class:`DataError`, so a tampered file cannot run code. train and test are
+checked (keys, shapes, label range) before meta; every error is one line naming the file.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import DataOptions, SourceOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -38,20 +42,41 @@ STD = (0.2675, 0.2565, 0.2761)
 PAD = 4  # RandomCrop(32, padding=4)
 
 
-def _reconstruct() -> Any:
+def _numpy_global(module: str, name: str) -> Any:
+    """``numpy._core.<module>.<name>`` (numpy >= 2), else ``numpy.core.<module>.<name>``."""
+    import importlib
+
     try:
-        from numpy._core.multiarray import _reconstruct as fn  # numpy >= 2
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct as fn
-    return fn
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3's protocol-2 pickler uses it for bytes: latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode allowed only as latin1 of a str, got {encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as Python 3's protocol-2 pickler writes ``b""``; refuses any argument."""
+    if args:
+        raise pickle.UnpicklingError("bytes(...) with arguments is not part of a CIFAR pickle")
+    return b""
 
 
 #: (module, name) -> object: the only globals a CIFAR pickle may reference
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct(),
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct(),
+    **{(f"numpy{core}.{mod}", name): _numpy_global(mod, name)
+       for core in ("._core", ".core")
+       for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                         ("numeric", "_frombuffer"))},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
@@ -72,8 +97,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                             "cifar-100-python file, re-download it") from None
 
 
-def load_pickle(path: Path) -> dict[str, Any]:
-    """A CIFAR pickle as a dict with str keys, via :class:`RestrictedUnpickler`."""
+def load_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A CIFAR pickle as a dict with str keys, via :class:`RestrictedUnpickler`; ``keys`` must be in it."""
     if not path.is_file():
         raise DataError(f"missing file {path}; data_dir must hold cifar-100-python/{{train,test,meta}} "
                         "(the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
@@ -83,20 +108,25 @@ def load_pickle(path: Path) -> dict[str, Any]:
         except DataError:
             raise
         except Exception as e:
-            raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); re-download it") from None
+            why = " ".join(str(e).split())[:200]  # one line
+            raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {why}); re-download it") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    d = {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    for key in keys:
+        if key not in d:
+            raise DataError(f"{path}: no '{key}' entry (has {sorted(d)}); is this cifar-100-python?")
+    return d
 
 
 def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and fine labels (N,) int64 from a train/test pickle."""
-    d = load_pickle(path)
-    for key in ("data", "fine_labels"):
-        if key not in d:
-            raise DataError(f"{path}: no '{key}' entry (has {sorted(d)}); is this cifar-100-python?")
+    d = load_pickle(path, ("data", "fine_labels"))
     data = d["data"]
-    labels = np.asarray(d["fine_labels"])
+    try:
+        labels = np.asarray(d["fine_labels"])
+    except ValueError:  # ragged / mixed lists
+        labels = np.zeros(0, object)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         raise DataError(f"{path}: 'data' must be uint8 of shape (N, 3072), got "
@@ -106,6 +136,15 @@ def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if ((labels < 0) | (labels > 99)).any():
         raise DataError(f"{path}: fine labels outside 0..99; wrong or damaged file")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)  # (N, 3072) -> (N, C, H, W)
+
+
+def read_meta(path: Path) -> tuple[str, ...]:
+    """The 100 fine label names of the ``meta`` pickle (bytes or str entries)."""
+    names = load_pickle(path, ("fine_label_names",))["fine_label_names"]
+    if not isinstance(names, list) or len(names) != 100 or not all(isinstance(n, (bytes, str)) for n in names):
+        got = f"{len(names)} entries" if isinstance(names, list) else type(names).__name__
+        raise DataError(f"{path}: 'fine_label_names' must list 100 names, got {got}; wrong or damaged file")
+    return tuple(n.decode("latin1") if isinstance(n, bytes) else n for n in names)
 
 
 def images_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
@@ -124,14 +163,9 @@ def images_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
 
 
 @dataclass(frozen=True)
-class Cifar100Config:
-    """Options of the CIFAR-100 task."""
-
-    source: str = "local"  # "local" (cifar-100-python under data_dir) | "hub" (uoft-cs/cifar100)
-    data_dir: str = ""  # folder holding cifar-100-python/ (or that folder itself)
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+class Cifar100Config(DataOptions, SourceOptions):
+    """Options of the CIFAR-100 task: the shared data options; ``source`` "local"
+    (``data_dir`` holds cifar-100-python/, or is that folder) or "hub" (uoft-cs/cifar100)."""
 
 
 class Cifar100(Task):
@@ -159,16 +193,12 @@ class Cifar100(Task):
                             "cifar-100-python/> or task.cifar100.source=\"hub\"")
         root = Path(cfg.data_dir).expanduser()
         root = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
-        meta = load_pickle(root / "meta")
-        names = meta.get("fine_label_names")
-        if not isinstance(names, list) or len(names) != 100:
-            raise DataError(f"{root / 'meta'}: 'fine_label_names' must list 100 names")
-        self.label_names = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
         out, files = {}, {}
-        for split in ("train", "test"):
+        for split in ("train", "test"):  # the image files first: their checks say most about a bad folder
             images, labels = read_split(root / split)
             out[split] = images_dataset(images, labels)
             files[split] = {"file": str(root / split), "rows": len(labels)}
+        self.label_names = read_meta(root / "meta")
         self.load_info = {"source": "local", "data_dir": str(root), "files": files}
         return out
 

@@ -23,6 +23,7 @@ import numpy as np
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import SourceOptions, TextDataOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -36,15 +37,12 @@ QUOTING = csv.QUOTE_NONE  # what the loader implements: no quote processing at a
 
 
 @dataclass(frozen=True)
-class GlueConfig:
-    """Options of every GLUE task."""
+class GlueConfig(TextDataOptions, SourceOptions):
+    """Options of every GLUE task: the shared data options, plus
 
-    source: str = "local"  # "local" (GLUE TSVs under data_dir) | "hub" (nyu-mll/glue)
-    data_dir: str = ""  # GLUE root: the folder holding SST-2/, CoLA/, ...
-    max_seq_length: int = 128
-    max_train_examples: int = 0  # 0 = all; else a seeded stratified subsample
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+    ``source`` "local" (GLUE TSVs under ``data_dir``, the folder holding SST-2/, CoLA/, ...) or
+    "hub" (nyu-mll/glue)."""
+
     skip_malformed: bool = False  # skip (and count) malformed rows instead of failing
 
 

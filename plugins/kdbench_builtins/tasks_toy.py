@@ -1,11 +1,18 @@
 """Offline toy tasks for the quickstart suite and tests (no files, seconds to train).
 
-* ``toy/digits``: scikit-learn's bundled handwritten digits (real data, 1,797 8x8 images), upscaled
-  to (3, 16, 16) uint8, 10 classes, a fixed seeded 80/20 train/dev split.
-* ``toy/reviews``: a GENERATED 3-domain binary sentiment task. Short sentences are built from
-  seeded word lists; sentiment words are partly shared and partly domain-specific, so a tiny model
-  learns it and a multi-domain teacher has something to transfer. Like ``amazon/*`` its
-  train/dev/test hold one domain (``domain`` option) and "meta_train" all domains.
+Both are built to leave room between a small student and its teacher (version 2): with clean dev
+labels and version 1's easy rules every model scored the same.
+
+* ``toy/digits``: scikit-learn's bundled handwritten digits (real data, 1,797 8x8 images), each
+  drawn at a seeded random position of a (3, 16, 16) uint8 canvas with seeded pixel noise, 10
+  classes, a fixed seeded 80/20 train/dev split; ``label_noise`` flips train labels only.
+* ``toy/reviews``: a GENERATED 3-domain binary sentiment task. Sentences of one or two clauses
+  ("the phone was not reliable but the screen was bright"): a clause's polarity is its adjective's
+  (shared, domain-specific, or one whose polarity depends on the domain) flipped by "not"; after
+  "but" the second clause decides, after "and" both agree. Bag-of-words models cannot read it;
+  a multi-domain teacher has domain knowledge to transfer. ``label_noise`` flips train labels
+  only. Like ``amazon/*`` its train/dev/test hold one domain (``domain`` option) and "meta_train"
+  all domains.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import Tensor
 
 import kdbench.metrics as km
+from kdbench import DataOptions, TextDataOptions
 from kdbench.errors import DataError
 from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
@@ -27,26 +35,39 @@ datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` 
 
 
 @dataclass(frozen=True)
-class DigitsConfig:
-    """Options of toy/digits."""
+class DigitsConfig(DataOptions):
+    """Options of toy/digits: the shared data options, plus"""
 
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+    shift: int = 2  # the digit is moved by up to this many pixels in each direction (seeded)
+    noise: float = 0.15  # std of the pixel noise, as a fraction of the full 0..255 range
+    label_noise: float = 0.1  # fraction of train labels replaced by another class (dev stays clean)
+
+
+def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, rng: np.random.Generator) -> np.ndarray:
+    """A copy of (N,) ``labels`` with a seeded ``fraction`` of them replaced by another class."""
+    out = labels.copy()
+    idx = rng.permutation(len(out))[: round(fraction * len(out))]
+    out[idx] = (out[idx] + rng.integers(1, num_labels, len(idx))) % num_labels
+    return out
+
+
+def _check_fraction(task: str, key: str, value: float) -> None:
+    if not 0.0 <= value < 0.5:
+        raise DataError(f"task.{task}.{key}={value} must be in [0, 0.5)")
 
 
 class Digits(Task):
-    """scikit-learn digits as a tiny vision task; accuracy on "dev"."""
+    """scikit-learn digits at random positions in noise; accuracy on "dev" (module docstring)."""
 
     name = "toy/digits"
-    version = "1"
+    version = "2"
     modality = "vision"
     num_labels = 10
     label_names = tuple(str(i) for i in range(10))
     metrics = ("accuracy",)
     sources = ("sklearn",)
     Config = DigitsConfig
-    SPLIT_SEED = 0  # fixed: the dev split never changes
+    SPLIT_SEED = 0  # fixed: the dev split, positions and noise never change
 
     def load(self) -> dict[str, datasets.Dataset]:
         """train (1,438) and dev (359) with ``image`` (3, 16, 16) uint8."""
@@ -54,17 +75,29 @@ class Digits(Task):
 
         from kdbench_builtins.tasks_cifar100 import images_dataset
 
+        cfg = self.cfg
+        _check_fraction(self.name, "label_noise", cfg.label_noise)
+        if cfg.noise < 0 or not 0 <= cfg.shift <= 8:
+            raise DataError(f"task.{self.name}: noise={cfg.noise} must be >= 0 and shift={cfg.shift} in 0..8")
         d = load_digits()
-        img = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
-        img = img.repeat(2, axis=1).repeat(2, axis=2)  # (N, 16, 16) nearest upscale
-        img = np.repeat(img[:, None], 3, axis=1)  # (N, 3, 16, 16)
-        perm = np.random.default_rng(self.SPLIT_SEED).permutation(len(img))
-        n_dev = len(img) // 5
+        rng = np.random.default_rng(self.SPLIT_SEED)
+        n = len(d.images)
+        big = (d.images * (255.0 / 16.0)).repeat(2, axis=1).repeat(2, axis=2)  # (N, 16, 16) 0..255
+        m = cfg.shift
+        canvas = np.zeros((n, 16 + 2 * m, 16 + 2 * m))
+        canvas[:, m:m + 16, m:m + 16] = big
+        pos = rng.integers(0, 2 * m + 1, (n, 2))  # top-left corner of the 16x16 crop
+        img = np.stack([canvas[i, r:r + 16, c:c + 16] for i, (r, c) in enumerate(pos)])  # (N, 16, 16)
+        img = img[:, None] + rng.normal(0.0, cfg.noise * 255.0, (n, 3, 16, 16))  # (N, 3, 16, 16)
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        perm = rng.permutation(n)
+        n_dev = n // 5
         rows = {"train": np.sort(perm[n_dev:]), "dev": np.sort(perm[:n_dev])}
+        labels = {"train": flip_labels(d.target[rows["train"]].astype(np.int64), cfg.label_noise, 10, rng),
+                  "dev": d.target[rows["dev"]].astype(np.int64)}
         self.load_info = {"source": "sklearn", "files": {s: {"file": "sklearn.datasets.load_digits",
                                                              "rows": len(r)} for s, r in rows.items()}}
-        return {s: images_dataset(img[r], d.target[r].astype(np.int64))
-                for s, r in rows.items()}
+        return {s: images_dataset(img[r], labels[s]) for s, r in rows.items()}
 
     def transform(self, inputs: dict[str, Tensor], *, train: bool,
                   generator: torch.Generator | None) -> dict[str, Tensor]:
@@ -83,45 +116,56 @@ _NOUNS = {
     "kitchen": ["pan", "knife", "blender", "kettle", "pot", "mixer", "toaster"],
     "electronics": ["phone", "camera", "charger", "speaker", "laptop", "screen", "battery"],
 }
-_SHARED = {1: ["great", "good", "excellent", "wonderful", "nice"],
-           0: ["bad", "poor", "awful", "terrible", "disappointing"]}
+_SHARED = {1: ["great", "good", "excellent", "nice"], 0: ["bad", "poor", "awful", "terrible"]}
 _OWN = {
-    "books": {1: ["gripping", "moving", "witty"], 0: ["boring", "dull", "predictable"]},
+    "books": {1: ["gripping", "moving", "witty"], 0: ["boring", "dull", "shallow"]},
     "kitchen": {1: ["sturdy", "sharp", "durable"], 0: ["flimsy", "rusty", "leaky"]},
     "electronics": {1: ["fast", "bright", "reliable"], 0: ["slow", "noisy", "broken"]},
 }
-_FILLER = ["the", "this", "my", "really", "quite", "very", "and", "overall", "i", "think", "it", "was"]
+#: adjectives whose polarity depends on the domain (books, kitchen, electronics)
+_DOMAIN_POLARITY = {"light": (0, 1, 1), "long": (1, 0, 1), "quiet": (0, 1, 1)}
+_FILLER = ["really", "quite", "very", "overall", "honestly", "i think"]
 
 
 @dataclass(frozen=True)
-class ReviewsConfig:
-    """Options of toy/reviews."""
+class ReviewsConfig(TextDataOptions):
+    """Options of toy/reviews: the shared data options, plus"""
 
+    max_seq_length: int = 80  # character tokens: the longest generated sentence (67) fits
     domain: str = "books"  # target domain: one of REVIEW_DOMAINS
     per_domain: int = 600  # generated sentences per domain (split 70/10/20)
-    label_noise: float = 0.05  # fraction of flipped labels
-    max_seq_length: int = 32
-    max_train_examples: int = 0
-    quiz_fraction: float = 0.1
-    data_seed: int = 42
+    label_noise: float = 0.05 # fraction of train labels flipped (dev and test stay clean)
 
 
-def generate_reviews(per_domain: int, label_noise: float, seed: int = 1234) -> dict[str, np.ndarray]:
-    """Generated sentences with ``text``, ``label``, ``domain`` arrays, (3 * per_domain,) each."""
+def _clause(rng: np.random.Generator, d: int, y: int) -> str:
+    """One clause of polarity ``y`` about a domain-``d`` noun: "[filler] the NOUN was [not] ADJ"."""
+    negate = bool(rng.random() < 0.15)
+    want = 1 - y if negate else y  # the adjective's own polarity
+    pool = _SHARED[want] + _OWN[REVIEW_DOMAINS[d]][want] + [w for w, p in _DOMAIN_POLARITY.items()
+                                                           if p[d] == want]
+    words = ["the", str(rng.choice(_NOUNS[REVIEW_DOMAINS[d]])), "was"]
+    if rng.random() < 0.3:
+        words.insert(0, str(rng.choice(_FILLER)))
+    return " ".join(words + ["not"] * negate + [str(rng.choice(pool))])
+
+
+def generate_reviews(per_domain: int, seed: int = 1234) -> dict[str, np.ndarray]:
+    """Generated sentences with clean ``text``, ``label``, ``domain`` arrays, (3 * per_domain,) each."""
     rng = np.random.default_rng(seed)
     text, label, domain = [], [], []
-    for d_id, d in enumerate(REVIEW_DOMAINS):
+    for d in range(len(REVIEW_DOMAINS)):
         for _ in range(per_domain):
             y = int(rng.integers(2))
-            pool = _SHARED[y] + _OWN[d][y] * 2  # domain words twice as likely as shared ones
-            words = [str(rng.choice(_FILLER)), str(rng.choice(_NOUNS[d])), "was",
-                     str(rng.choice(pool))]
-            if rng.random() < 0.5:
-                words += ["and", str(rng.choice(pool))]
-            words += [str(w) for w in rng.choice(_FILLER, size=int(rng.integers(0, 3)))]
-            text.append(" ".join(words))
-            label.append(1 - y if rng.random() < label_noise else y)
-            domain.append(d_id)
+            form = rng.random()
+            if form < 0.15:  # "A but B": B decides, A has the other polarity
+                sent = f"{_clause(rng, d, 1 - y)} but {_clause(rng, d, y)}"
+            elif form < 0.3:  # "A and B": both agree
+                sent = f"{_clause(rng, d, y)} and {_clause(rng, d, y)}"
+            else:
+                sent = _clause(rng, d, y)
+            text.append(sent)
+            label.append(y)
+            domain.append(d)
     return {"text": np.asarray(text, dtype=object), "label": np.asarray(label), "domain": np.asarray(domain)}
 
 
@@ -129,7 +173,7 @@ class Reviews(Task):
     """GENERATED multi-domain sentiment (see the module docstring); accuracy on "dev"."""
 
     name = "toy/reviews"
-    version = "1-generated"
+    version = "2-generated"
     num_labels = 2
     label_names = ("negative", "positive")
     metrics = ("accuracy",)
@@ -142,7 +186,8 @@ class Reviews(Task):
         cfg = self.cfg
         if cfg.domain not in REVIEW_DOMAINS:
             raise DataError(f"task.toy/reviews.domain={cfg.domain!r} is not one of {REVIEW_DOMAINS}")
-        g = generate_reviews(cfg.per_domain, cfg.label_noise)
+        _check_fraction(self.name, "label_noise", cfg.label_noise)
+        g = generate_reviews(cfg.per_domain)
         n_tr, n_dev = int(cfg.per_domain * 0.7), int(cfg.per_domain * 0.1)
         part = np.empty(len(g["label"]), dtype=object)  # which split each sentence is in
         pos = np.arange(len(part)) % cfg.per_domain
@@ -152,10 +197,14 @@ class Reviews(Task):
         own = g["domain"] == REVIEW_DOMAINS.index(cfg.domain)
         rows = {s: np.flatnonzero((part == s) & own) for s in ("train", "dev", "test")}
         rows["meta_train"] = np.flatnonzero(part == "train")
+        noisy = g["label"].copy()  # one draw for all train rows: train is a subset of meta_train
+        noisy[rows["meta_train"]] = flip_labels(g["label"][rows["meta_train"]], cfg.label_noise, 2,
+                                                np.random.default_rng(4321))
+        lab = {s: (noisy if s in ("train", "meta_train") else g["label"])[r] for s, r in rows.items()}
         self.load_info = {"source": "generated", "files": {s: {"file": "generated", "rows": len(r)}
                                                            for s, r in rows.items()}}
         return {s: datasets.Dataset.from_dict(
-            {"text_a": [str(t) for t in g["text"][r]], "label": g["label"][r],
+            {"text_a": [str(t) for t in g["text"][r]], "label": lab[s],
              "domain": g["domain"][r], "row_id": r}) for s, r in rows.items()}
 
     def compute_metrics(self, preds: Tensor, labels: Tensor, split: str) -> dict[str, float]:

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import datasets
-import evaluate
 import numpy as np
 
-_DESCRIPTION = "F1 = 2 * precision * recall / (precision + recall) for the positive class 1."
-_INPUTS = """
+from kdbench.metrics.module import KdbenchMetric
+
+
+class F1(KdbenchMetric):
+    """Binary F1 (positive label 1)."""
+
+    description = "F1 = 2 * precision * recall / (precision + recall) for the positive class 1."
+    inputs = """
 Args:
     predictions (list of int): predicted class ids in {0, 1}, shape (N,).
     references (list of int): true class ids in {0, 1}, shape (N,).
 Returns:
     f1 (float): in [0, 1]; 0.0 when there are no true or predicted positives.
 """
-
-
-class F1(evaluate.Metric):
-    """Binary F1 (positive label 1), written for kdbench (offline, loaded by path)."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("int64"),
-                                        "references": datasets.Value("int64")}))
 
     def _compute(self, predictions: list[int], references: list[int]) -> dict[str, float]:
         p = np.asarray(predictions) == 1

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import datasets
-import evaluate
 import numpy as np
 
-_DESCRIPTION = (
-    "MCC = (c*s - sum_k p_k*t_k) / sqrt((s^2 - sum_k p_k^2) * (s^2 - sum_k t_k^2)) from the "
-    "confusion matrix C: c = trace, s = N, p_k / t_k = predicted / true counts of class k.")
-_INPUTS = """
+from kdbench.metrics.module import KdbenchMetric
+
+
+class MatthewsCorrelation(KdbenchMetric):
+    """Matthews correlation."""
+
+    description = (
+        "MCC = (c*s - sum_k p_k*t_k) / sqrt((s^2 - sum_k p_k^2) * (s^2 - sum_k t_k^2)) from the "
+        "confusion matrix C: c = trace, s = N, p_k / t_k = predicted / true counts of class k.")
+    inputs = """
 Args:
     predictions (list of int): predicted class ids, shape (N,).
     references (list of int): true class ids, shape (N,).
 Returns:
     matthews_correlation (float): in [-1, 1]; 0.0 when undefined (a constant row or column).
 """
-
-
-class MatthewsCorrelation(evaluate.Metric):
-    """Matthews correlation, written for kdbench (offline, loaded by path)."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("int64"),
-                                        "references": datasets.Value("int64")}))
 
     def _compute(self, predictions: list[int], references: list[int]) -> dict[str, float]:
         p = np.asarray(predictions, dtype=np.int64)
