@@ -232,8 +232,9 @@ def render(results_dir: Path, plot: Path | None = None) -> str:
     if plan is not None:
         facts = plan["suite"]
     else:  # written before plan files: what the results recorded, no coverage
-        first = board.iloc[0]["result"]
-        facts = {**first.get("suite_info", {}), "name": board["suite"].mode().iloc[0]}
+        names = board["suite"].dropna()
+        facts = {**board.iloc[0]["result"].get("suite_info", {}),
+                 "name": names.mode().iloc[0] if not names.empty else results_dir.name}
         facts["suite_arg"] = facts["name"]
     suite = str(facts["name"])
     run = f"kdbench run --suite {shlex.quote(str(facts.get('suite_arg') or suite))} --results-dir {where}"
