@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kdbench.cli import default_cache_dir, make_host, print_json
 from kdbench.config import Suite, as_dict, build_config, load_suite, parse_value
-from kdbench.errors import ConfigError, ExitCode, KdbenchError
+from kdbench.errors import ConfigError, ExitCode
 from kdbench.manager import Host
 
 
@@ -82,6 +81,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Plan, run pending cells, render the leaderboard."""
     from kdbench.executors import HostArgs, MatrixContext, pending
+    from kdbench.publish import write_leaderboard
+    from kdbench.results import write_plan
 
     host, suite, cells = plan(args)
     if not cells:
@@ -106,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     mctx = MatrixContext(results_dir, cache_dir, HostArgs(extra, blocked), args.device,
                          {"description": suite.description, "budget": suite.budget, "path": suite.path,
                           "reference": suite.reference})
+    write_plan(results_dir, suite, cells)  # what the leaderboard needs of the plan, next to the results
     todo = pending(cells, results_dir, args.retry_failed)
     print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
           f"{len(todo)} to run -> {results_dir}", file=sys.stderr)
@@ -120,131 +122,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.write(f"  {status:8s} {result['run_id']}"
                       + (f"  ({result.get('reason', '')[:120]})" if status != "ok" else ""))
     if not args.no_leaderboard:
-        path = write_leaderboard(host, results_dir, out_dir / f"{suite.name}.md", suite.name)
+        path = write_leaderboard(results_dir, out_dir / f"{suite.name}.md")
         print(f"kdbench: leaderboard -> {path}", file=sys.stderr)
     return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
 
 
-def _shipped_suite(result: dict[str, Any]) -> Suite | None:
-    """The built-in suite the result came from (loaded from the shipped file), or None."""
-    from kdbench.config import builtin_suites
-
-    shipped = builtin_suites().get(str(result.get("suite")))
-    if shipped is None or Path(result.get("suite_info", {}).get("path", "")).name != shipped.name:
-        return None
-    return load_suite(str(shipped))
-
-
-def _suite_info(result: dict[str, Any], suite: Suite | None) -> dict[str, Any]:
-    """Description, budget and reference rows for a table header: from the shipped suite file
-    when the results came from a built-in suite (so an edited budget or reference shows without
-    rerunning cells), else as recorded in the result."""
-    if suite is None:
-        return dict(result.get("suite_info", {}))
-    return {"description": suite.description, "budget": suite.budget, "reference": suite.reference}
-
-
-def coverage(host: Host, suite: Suite, board: Any) -> dict[str, Any]:
-    """Which of ``suite``'s planned cells have no result file yet, matched on (method, task,
-    student, teacher, seed) so that runs with overrides count.
-
-    Returns ``{"planned": N, "done": N, "missing": {(student, task): {method: [seeds]}}}``;
-    planned cells that are n-a by plan and have no file count as done (their reason is known).
-    """
-    from kdbench.plan import expand
-
-    have = {(r.method, r.task, r.student or "", r.teacher_name, r.seed) for r in board.itertuples()}
-    missing: dict[tuple[str, str], dict[str, list[int]]] = {}
-    cells = expand(suite, host)
-    for c in cells:
-        if (c.method, c.task, c.student, c.teacher, c.seed) not in have and not c.na_reason:
-            missing.setdefault((c.student, c.task), {}).setdefault(c.method, []).append(c.seed)
-    return {"planned": len(cells), "done": len(cells) - sum(len(v) for m in missing.values() for v in m.values()),
-            "missing": missing}
-
-
-def render(host: Host, results_dir: Path, suite: str, plot: Path | None = None) -> str:
-    """Render the markdown for one results directory."""
-    from kdbench import __version__
-    from kdbench.results import load_results
-
-    board = load_results(results_dir)
-    if board.empty:
-        raise KdbenchError(f"no result files under {results_dir}. Hint: run `kdbench run --suite {suite}` first")
-    shipped = _shipped_suite(board.iloc[0]["result"])
-    info = _suite_info(board.iloc[0]["result"], shipped)
-    meta = {"source": results_dir.as_posix(), "kdbench_version": __version__,
-            "description": info.get("description", ""), "budget": info.get("budget", ""),
-            "reference": info.get("reference", [])}
-    if shipped is not None:
-        meta["coverage"] = coverage(host, shipped, board)
-    if plot is not None:
-        from kdbench.leaderboard import plot_cost
-
-        if plot_cost(board, suite, str(plot)):
-            meta["plot"] = plot.name
-    return host.render_leaderboard(board, suite, meta)
-
-
-def render_plan(host: Host, name: str, path: Path) -> str:
-    """The page of a built-in suite that has no results yet: what it runs, its budget, its planned
-    cells (all "not run yet") and the papers' reference numbers."""
-    import pandas as pd
-
-    from kdbench import __version__
-
-    suite = load_suite(str(path))
-    meta = {"source": f"kdbench/configs/{path.name} (no results yet)", "kdbench_version": __version__,
-            "description": suite.description, "budget": suite.budget, "reference": suite.reference,
-            "coverage": coverage(host, suite, pd.DataFrame())}
-    return host.render_leaderboard(pd.DataFrame(), name, meta)
-
-
-def write_leaderboard(host: Host, results_dir: Path, out: Path, suite: str) -> Path:
-    """Render and write ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(host, results_dir, suite, out.with_suffix(".png")), encoding="utf-8")
-    return out
-
-
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Regenerate (or --check) leaderboards/<suite>.md for every results directory."""
-    host = make_host(args)
-    out_dir = Path(args.out_dir)
-    dirs = [Path(d) for d in args.results] or sorted(p for p in (out_dir / "results").glob("*") if p.is_dir())
-    if not dirs:
-        raise KdbenchError(f"no results directories under {out_dir / 'results'}")
-    stale = []
-    if not args.check:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.results:  # built-in suites with no results get a page of their plan and references
-        from kdbench.config import builtin_suites
+    """``kdbench leaderboard``: see :mod:`kdbench.publish` (reads result files only, loads no plugin)."""
+    from kdbench.publish import cmd_leaderboard as publish
 
-        for name, path in sorted(builtin_suites().items()):
-            if name in {d.name for d in dirs}:
-                continue
-            target, text = out_dir / f"{name}.md", render_plan(host, name, path)
-            if args.check:  # an out-dir need not hold every plan page; one that is there must be fresh
-                if target.exists() and target.read_text(encoding="utf-8") != text:
-                    stale.append(str(target))
-            else:
-                target.write_text(text, encoding="utf-8")
-                print(f"wrote {target}")
-    for d in dirs:
-        target = out_dir / f"{d.name}.md"
-        png = target.with_suffix(".png")
-        text = render(host, d, d.name, None if args.check else png)
-        if args.check and png.exists():  # the table references the committed plot
-            text = render(host, d, d.name, Path(tempfile.mkdtemp()) / png.name)
-        if args.check:
-            if not target.exists() or target.read_text(encoding="utf-8") != text:
-                stale.append(str(target))
-        else:
-            target.write_text(text, encoding="utf-8")
-            print(f"wrote {target}")
-    if stale:
-        raise KdbenchError(f"leaderboards differ from their results: {', '.join(stale)}. Hint: run `kdbench leaderboard`")
-    return int(ExitCode.OK)
+    return publish(args)
 
 
 def _component_rows(host: Host, kind: str) -> list[dict[str, Any]]:

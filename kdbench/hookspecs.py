@@ -20,8 +20,6 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    import pandas as pd
-
     from kdbench.config import Suite
     from kdbench.plan import CellSpec
     from kdbench.registry import Registrar
@@ -111,12 +109,3 @@ def kdbench_log_metrics(spec: CellSpec, step: int, metrics: Mapping[str, float])
 def kdbench_update_result(result: dict[str, Any]) -> None:
     """Add provenance to a cell's result before it is written: mutate ``result["provenance"]``
     or ``result["extra"]`` in place."""
-
-
-@hookspec(firstresult=True)
-def kdbench_render_leaderboard(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) -> str | None:
-    """Return the leaderboard text for one suite; stops at the first non-None result.
-
-    ``board`` has one row per (method, task, student, seed) result; ``meta`` carries the
-    protocol and provenance summary. ``kdbench.leaderboard`` renders markdown ``trylast``.
-    """

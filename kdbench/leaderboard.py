@@ -1,10 +1,13 @@
-"""Leaderboards: a pure function of result files, rendered to markdown with pandas + tabulate.
+"""Leaderboard tables: pure functions of a board (one row per result file), no plugins.
 
-One table per student: rows are methods, plus the teacher row and the student-without-KD row
-(``no-kd``); columns are each task's primary metric on each eval split, then the average; cells
-are ``mean ± std (n)`` over seeds, x100. Cost columns: wall time per cell, training samples/s,
-peak memory. Failed and n-a cells become footnotes. A second table gives, for every method, the
-paired difference to frozen KD (same task, student and seed) with a bootstrap 95 % interval.
+One table per student and epoch choice: rows are methods, plus the teacher row, the
+student-without-KD row (``no-kd``) and, when the result files record it, the trivial predictor
+(``result["baseline"]``); columns are each task's primary metric on each reported split, then the
+average; cells are ``mean ± std (n)`` over seeds, x100. Cost columns: wall time per cell, training
+samples/s, peak memory. A task where the teacher cannot teach (``no_headroom``) stays visible but
+is left out of the average and of the paired marks. A paired table gives every method's difference
+to the suite's baseline method (same task, student and seed) with a bootstrap 95 % interval, and a
+teacher-after table shows what methods that move the teacher did to it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdbench.hookspecs import hookimpl
 from kdbench.lazy import lazy_import
 
 if TYPE_CHECKING:
@@ -23,26 +25,36 @@ if TYPE_CHECKING:
 else:
     pd = lazy_import("pandas")
 
-BASELINE = "kd"
 ORDER_LAST = ("no-kd", "teacher")
+TRIVIAL = "trivial baseline"
 BOOTSTRAP_SAMPLES = 10_000
 MIN_SEEDS_FOR_CI = 3  # a percentile bootstrap over fewer paired seeds is degenerate
 RANGE_SEEDS = 3  # up to here n^-n > 2.5 %: the percentile interval is [min, max] of the differences
+HIDDEN_SPLITS = ("heldout", "quiz")  # carved from train for selection / meta-learning, never reported
+TEACHER_OVER_TRIVIAL = 5.0  # x100 points: a teacher this close to the trivial predictor learnt nothing
+TEACHER_OVER_NO_KD = 1.0  # x100 points: a student alone this close to the teacher has nothing to learn
+NO_HEADROOM = "†"
+
+Columns = list[tuple[str, str]]
 
 
-def primary_columns(board: pd.DataFrame, which: str) -> list[tuple[str, str]]:
-    """(task, "split/metric") pairs to show: each task's primary metric on each eval split."""
-    cols = []
+def selection(res: Mapping[str, Any]) -> str:
+    """The ``split/metric`` a result selected its best epoch on."""
+    return str(res.get("protocol", {}).get("selection", ""))
+
+
+def primary_columns(board: pd.DataFrame, which: str = "best") -> Columns:
+    """(task, "split/metric") pairs to show: each task's primary metric on each reported split
+    (the held-out and quiz splits used for selection are not reported)."""
+    cols: Columns = []
     for task in sorted(board["task"].dropna().unique()):
         rows = board[(board["task"] == task) & (board["status"] == "ok")]
         if rows.empty:
             cols.append((task, ""))
             continue
-        r = rows.iloc[0]["result"]
-        prim = r.get("protocol", {}).get("selection", "").split("/", 1)[-1]
+        prim = selection(rows.iloc[0]["result"]).split("/", 1)[-1]
         keys = sorted({k for res in rows["result"] for k in (res["metrics"].get(which) or {})})
-        sel_split = r.get("protocol", {}).get("selection", "").split("/", 1)[0]
-        reported = [k for k in keys if not (k.startswith("quiz/") and sel_split == "quiz")]
+        reported = [k for k in keys if k.split("/", 1)[0] not in HIDDEN_SPLITS] or keys
         picked = [k for k in reported if k.split("/", 1)[-1] == prim] or reported[:1]
         cols += [(task, k) for k in picked]
     return cols
@@ -65,17 +77,84 @@ def bootstrap_ci(diffs: np.ndarray, seed: int = 0, n: int = BOOTSTRAP_SAMPLES) -
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _value(res: Mapping[str, Any], which: str, key: str) -> float | None:
-    v = (res.get("metrics", {}).get(which) or {}).get(key)
+def _number(v: Any) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def method_table(board: pd.DataFrame, student: str, which: str, notes: list[str]) -> pd.DataFrame:
-    """The main table for one student."""
-    sub = board[(board["student"] == student) | ((board["method"] == "teacher")
-                                                 & board["teacher_name"].isin(
-                                                     board[board["student"] == student]["teacher_name"]))]
-    cols = primary_columns(sub, which)
+def value(res: Mapping[str, Any], which: str, key: str) -> float | None:
+    """One metric of one result: ``which`` is best (the suite's selection), best_on_dev or last.
+    Old files have no ``best_on_dev``: their ``best`` stands in when it was selected on dev."""
+    metrics = res.get("metrics", {})
+    if which == "best_on_dev" and "best_on_dev" not in metrics:
+        which = "best" if selection(res).startswith("dev/") else "best_on_dev"
+    return _number((metrics.get(which) or {}).get(key))
+
+
+def _values(rows: pd.DataFrame, which: str, key: str) -> list[float]:
+    return [v for res in rows[rows["status"] == "ok"]["result"] if (v := value(res, which, key)) is not None]
+
+
+def student_rows(board: pd.DataFrame, student: str) -> pd.DataFrame:
+    """The student's cells and the teacher cells of its teachers."""
+    teachers = board[board["student"] == student]["teacher_name"]
+    return board[(board["student"] == student) | ((board["method"] == "teacher") & board["teacher_name"].isin(teachers))]
+
+
+def trivial_scores(rows: pd.DataFrame, task: str, key: str) -> list[float]:
+    """The trivial predictor's score on ``key``, one per seed (any cell of the seed records it)."""
+    per_seed: dict[Any, float] = {}
+    for _, r in rows[(rows["task"] == task) & (rows["status"] == "ok")].iterrows():
+        v = _number((r["result"].get("baseline") or {}).get(key))
+        if v is not None:
+            per_seed.setdefault(r["seed"], v)
+    return [per_seed[s] for s in sorted(per_seed)]
+
+
+def no_headroom(sub: pd.DataFrame, cols: Columns) -> dict[tuple[str, str], str]:
+    """Columns where KD has nothing to show, with the reason (headline numbers, x100): the teacher
+    is within TEACHER_OVER_TRIVIAL points of the trivial predictor, or no-KD within
+    TEACHER_OVER_NO_KD points of the teacher."""
+    out = {}
+    for task, key in cols:
+        rows = sub[sub["task"] == task]
+        teacher = _values(rows[rows["method"] == "teacher"], "best", key)
+        if not key or not teacher:
+            continue
+        t = 100 * float(np.mean(teacher))
+        trivial, no_kd = trivial_scores(rows, task, key), _values(rows[rows["method"] == "no-kd"], "best", key)
+        if trivial and t - 100 * float(np.mean(trivial)) <= TEACHER_OVER_TRIVIAL:
+            out[(task, key)] = (f"the teacher ({t:.1f}) is within {TEACHER_OVER_TRIVIAL:g} points of the trivial "
+                                f"baseline ({100 * float(np.mean(trivial)):.1f})")
+        elif no_kd and t - 100 * float(np.mean(no_kd)) <= TEACHER_OVER_NO_KD:
+            out[(task, key)] = (f"no-kd ({100 * float(np.mean(no_kd)):.1f}) is within "
+                                f"{TEACHER_OVER_NO_KD:g} point of the teacher ({t:.1f})")
+    return out
+
+
+def _label(cols: Columns, task: str, key: str, flagged: bool) -> str:
+    label = f"{task} {key.split('/')[-1] if key else ''}".strip()
+    if len({k for t, k in cols if t == task}) > 1:
+        label = f"{task} {key}"
+    return f"{label} ↑" + (f" {NO_HEADROOM}" if flagged else "")
+
+
+def _cost(row: dict[str, Any], ok_rows: pd.DataFrame) -> None:
+    row["Wall s/cell"] = f"{ok_rows['wall_s'].mean():.0f}" if not ok_rows.empty else ""
+    sps = ok_rows["samples_per_s"].dropna()
+    row["Train samples/s"] = f"{sps.mean():.0f}" if not sps.empty else ""
+    mfu = ok_rows["mfu"].dropna() if "mfu" in ok_rows else ok_rows["wall_s"].iloc[0:0]
+    if not mfu.empty:
+        row["MFU %"] = f"{100 * mfu.mean():.1f}"
+    mem = ok_rows["peak_memory_mb"].dropna()
+    row["Peak MB"] = f"{mem.max():.0f}" if not mem.empty and mem.max() > 0 else ""
+
+
+def method_table(board: pd.DataFrame, student: str, which: str, notes: list[str],
+                 cols: Columns | None = None, flagged: Mapping[tuple[str, str], str] | None = None) -> pd.DataFrame:
+    """The main table for one student; ``flagged`` columns (no headroom) are left out of Avg."""
+    sub = student_rows(board, student)
+    cols = primary_columns(sub) if cols is None else cols
+    flagged = flagged or {}
     methods = sorted(m for m in sub["method"].unique() if m not in ORDER_LAST)
     methods += [m for m in ORDER_LAST if m in set(sub["method"])]
     rows = []
@@ -85,43 +164,37 @@ def method_table(board: pd.DataFrame, student: str, which: str, notes: list[str]
         means = []
         for task, key in cols:
             trows = mrows[mrows["task"] == task]
-            ok = [v for res in trows[trows["status"] == "ok"]["result"]
-                  if (v := _value(res, which, key)) is not None]
-            label = f"{task} {key.split('/')[-1] if key else ''}".strip()
-            if len({key for _, key in cols if _ == task}) > 1:
-                label = f"{task} {key}"
+            ok = _values(trows, which, key)
             text = _cell(ok)
             bad = trows[trows["status"] != "ok"]
             if not bad.empty:
                 status, reason = bad.iloc[0]["status"], bad.iloc[0]["reason"]
                 notes.append(f"{method} on {task}: {status} ({len(bad)}/{len(trows)} cells): {reason}")
                 text = f"{text} [{len(notes)}]".strip() if text else f"{status} [{len(notes)}]"
-            row[label + " ↑"] = text or "not run"
-            if ok:
+            row[_label(cols, task, key, (task, key) in flagged)] = text or "not run"
+            if ok and (task, key) not in flagged:
                 means.append(float(np.mean(ok)))
-        row["Avg ↑"] = f"{100 * np.mean(means):.1f}" if means and len(means) == len(cols) else ""
-        ok_rows = mrows[mrows["status"] == "ok"]
-        row["Wall s/cell"] = f"{ok_rows['wall_s'].mean():.0f}" if not ok_rows.empty else ""
-        sps = ok_rows["samples_per_s"].dropna()
-        row["Train samples/s"] = f"{sps.mean():.0f}" if not sps.empty else ""
-        mfu = ok_rows["mfu"].dropna() if "mfu" in ok_rows else ok_rows["wall_s"].iloc[0:0]
-        if not mfu.empty:
-            row["MFU %"] = f"{100 * mfu.mean():.1f}"
-        mem = ok_rows["peak_memory_mb"].dropna()
-        row["Peak MB"] = f"{mem.max():.0f}" if not mem.empty and mem.max() > 0 else ""
+        counted = len(cols) - len(flagged)
+        row["Avg ↑"] = f"{100 * np.mean(means):.1f}" if means and len(means) == counted else ""
+        _cost(row, mrows[mrows["status"] == "ok"])
         rows.append(row)
+    trivial = {_label(cols, t, k, (t, k) in flagged): _cell(trivial_scores(sub, t, k)) for t, k in cols}
+    if any(trivial.values()):
+        rows.append({"Method": TRIVIAL, **trivial})
     return pd.DataFrame(rows).fillna("")
 
 
-def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:
-    """Paired mean difference to frozen KD per (method, task), with bootstrap 95 % CI."""
+def paired_table(board: pd.DataFrame, student: str, which: str, base_method: str = "kd",
+                 flagged: Mapping[tuple[str, str], str] | None = None) -> pd.DataFrame:
+    """Paired mean difference to ``base_method`` per (method, task), with bootstrap 95 % CI; no
+    * mark on flagged (no-headroom) tasks."""
     sub = board[(board["student"] == student) & (board["status"] == "ok")]
-    base = sub[sub["method"] == BASELINE]
+    base = sub[sub["method"] == base_method]
     rows: list[dict[str, Any]] = []
     if base.empty:
         return pd.DataFrame(rows)
-    for method in sorted(set(sub["method"]) - {BASELINE, "teacher"}):
-        for task, key in primary_columns(sub, which):
+    for method in sorted(set(sub["method"]) - {base_method, "teacher"}):
+        for task, key in primary_columns(sub):
             if not key:
                 continue
             pairs = []
@@ -129,7 +202,7 @@ def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:
                 b = base[(base["task"] == task) & (base["seed"] == r["seed"])]
                 if b.empty:
                     continue
-                v, bv = _value(r["result"], which, key), _value(b.iloc[0]["result"], which, key)
+                v, bv = value(r["result"], which, key), value(b.iloc[0]["result"], which, key)
                 if v is not None and bv is not None:
                     pairs.append(v - bv)
             if not pairs:
@@ -137,145 +210,36 @@ def paired_table(board: pd.DataFrame, student: str, which: str) -> pd.DataFrame:
             d = 100 * np.asarray(pairs)
             enough = len(d) >= MIN_SEEDS_FOR_CI
             lo, hi = bootstrap_ci(d) if enough else (float("nan"), float("nan"))
-            mark = " *" if enough and (lo > 0 or hi < 0) else ""
-            rows.append({"Method": method, "Task": f"{task} {key}", "Δ vs kd": f"{d.mean():+.2f}{mark}",
+            skip = (task, key) in (flagged or {})
+            mark = " *" if enough and not skip and (lo > 0 or hi < 0) else ""
+            rows.append({"Method": method, "Task": f"{task} {key}" + (f" {NO_HEADROOM}" if skip else ""),
+                         f"Δ vs {base_method}": f"{d.mean():+.2f}{mark}",
                          "95 % CI": f"[{lo:+.2f}, {hi:+.2f}]" if enough else f"n={len(d)} < {MIN_SEEDS_FOR_CI}",
                          "Seeds": len(d)})
     return pd.DataFrame(rows)
 
 
-def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) -> str:
-    """The whole leaderboard page for one suite."""
-    lines = [f"<!-- generated by `kdbench leaderboard` from {meta.get('source', '?')} "
-             f"({len(board)} result files, kdbench {meta.get('kdbench_version', '?')}); do not edit -->",
-             f"# {suite} leaderboard", ""]
-    if meta.get("description"):
-        lines += [str(meta["description"]), ""]
-    if board.empty:  # a suite's plan: no kdbench numbers yet
-        lines += ["No kdbench results yet: every planned cell below is not run yet. "
-                  f"`kdbench run --suite {suite}` runs them and this page then shows their scores.", ""]
-        if meta.get("budget"):
-            lines += [f"Budget: {meta['budget']}", ""]
-        refs = meta.get("reference") or []
-        lines += coverage_section(meta.get("coverage"), suite) + (reference_section(refs) or [
-            "No reference rows: the suite file lists no published numbers (its comments say why).", ""])
-        return "\n".join(lines).rstrip() + "\n"
-    seeds = sorted(board["seed"].dropna().unique().tolist())
-    selection = sorted({r.get("protocol", {}).get("selection", "") for r in board["result"]} - {""})
-    lines += [f"Protocol: scores x100, mean ± sample std over seeds {seeds} (n per cell in brackets). "
-              f"**Best epoch** selected on `{', '.join(selection) or '?'}` and reported on the same split "
-              "(the GLUE convention); last-epoch tables follow. Every number comes from a result file "
-              f"under `{meta.get('source', '?')}`.", ""]
-    if meta.get("budget"):
-        lines += [f"Budget: {meta['budget']}", ""]
-    lines += coverage_section(meta.get("coverage"), suite)
-    for which, title in (("best", "best epoch"), ("last", "last epoch")):
-        for student in sorted(s for s in board["student"].dropna().unique() if s):
-            notes: list[str] = []
-            table = method_table(board, student, which, notes)
-            if table.empty:
+def _mean(values: list[float], fmt: str) -> str:
+    return format(float(np.mean(values)), fmt) if values else ""
+
+
+def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns) -> pd.DataFrame:
+    """For methods whose rule changes the teacher: the live teacher's score at the end (next to the
+    fine-tuned teacher it started from), its mean KL to that start and its parameter drift."""
+    sub = student_rows(board, student)
+    ok = sub[sub["status"] == "ok"]
+    rows: list[dict[str, Any]] = []
+    for method in sorted(m for m in ok["method"].unique() if m not in ORDER_LAST):
+        for task, key in cols:
+            cells = [r for r in ok[(ok["method"] == method) & (ok["task"] == task)]["result"]
+                     if r.get("teacher_after") and r.get("extra", {}).get("changes_teacher", True) is not False]
+            if not cells or not key:
                 continue
-            r = board[board["student"] == student].iloc[0]["result"]
-            cfg = r.get("config", {})
-            lines += [f"## Student `{student}` ({title})", "",
-                      f"Teacher `{cfg.get('teacher', {}).get('name', '?')}` "
-                      f"({cfg.get('teacher', {}).get('kind', '?')}); student: "
-                      + " ".join(f"{k}={v}" for k, v in cfg.get("student_model", {}).items() if v not in ("", {}, None))
-                      + ".", "",
-                      table.to_markdown(index=False, disable_numparse=True), ""]
-            lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
-            if which == "best":
-                paired = paired_table(board, student, which)
-                if not paired.empty:
-                    lines += [f"Paired difference to frozen `kd` (same task, student, seed; x100; "
-                              f"bootstrap 95 % CI over seeds, {BOOTSTRAP_SAMPLES} resamples; * = the "
-                              "interval excludes 0):", "",
-                              paired.to_markdown(index=False, disable_numparse=True), ""]
-                    few = sorted({int(n) for n in paired["Seeds"] if MIN_SEEDS_FOR_CI <= n <= RANGE_SEEDS})
-                    if few:
-                        lines += [f"With {' or '.join(map(str, few))} seeds this interval is exactly the range of the "
-                                  "per-seed differences (a resample of n seeds repeats the smallest one with "
-                                  "probability n^-n > 2.5 %), so * says every seed moved the same way: a "
-                                  "consistency mark, not a 5 % significance test.", ""]
-    if meta.get("plot"):
-        lines += ["## Score against training cost", "", f"![{suite}: score vs training cost]({meta['plot']})", ""]
-    lines += reference_section(meta.get("reference") or [])
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def coverage_section(cov: Mapping[str, Any] | None, suite: str) -> list[str]:
-    """How much of the suite's plan has results, and a table of the cells not run yet."""
-    if not cov:
-        return []
-    head = f"Coverage: {cov['done']} of {cov['planned']} planned cells are done (a result file, or n-a by plan)."
-    if not cov["missing"]:
-        return [head, ""]
-
-    def cell(methods: Mapping[str, list[int]]) -> str:
-        by_seeds: dict[tuple[int, ...], list[str]] = {}
-        for m, seeds in methods.items():
-            by_seeds.setdefault(tuple(seeds), []).append(m)
-        return "; ".join(f"{', '.join(ms)} (seeds {', '.join(map(str, sd))})" for sd, ms in by_seeds.items())
-
-    rows = [{"Student": student or "(teacher)", "Task": task, "Not run yet": cell(methods)}
-            for (student, task), methods in sorted(cov["missing"].items())]
-    return [f"{head} The cells below have no result file yet; `kdbench run --suite {suite}` runs "
-            "exactly these (finished cells are skipped).", "",
-            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-
-
-def reference_section(refs: list[Mapping[str, Any]]) -> list[str]:
-    """Published numbers, each row marked with its source and whether it was verified."""
-    if not refs:
-        return []
-    cols = sorted({k for r in refs for k in r.get("values", {})})
-    rows = [{"Reference row": f"{r.get('row', '?')} [{chr(97 + i)}]",
-             **{c: f"{r['values'][c]:.2f}" if c in r.get("values", {}) else "" for c in cols}}
-            for i, r in enumerate(refs)]
-    out = ["## Reference numbers (published; not produced by kdbench)", "",
-           pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
-    for i, r in enumerate(refs):
-        state = "verified from the source" if r.get("verified") else "UNVERIFIED: see the source"
-        out.append(f"[{chr(97 + i)}] {r.get('source', '?')} ({state})")
-    return [*out, ""]
-
-
-def plot_cost(board: pd.DataFrame, suite: str, path: str) -> bool:
-    """Primary metric (best epoch, mean over seeds) against training seconds per cell, one marker
-    per method and task; saved as PNG. False when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = board[(board["status"] == "ok") & (board["method"] != "teacher")]
-    points = []
-    for (method, task), rows in ok.groupby(["method", "task"]):
-        key = rows.iloc[0]["result"].get("protocol", {}).get("selection", "")
-        vals = [v for res in rows["result"] if (v := _value(res, "best", key)) is not None]
-        secs = rows["train_s"].dropna()
-        if vals and not secs.empty:
-            points.append((method, task, float(secs.mean()), 100 * float(np.mean(vals))))
-    if not points:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tasks = sorted({p[1] for p in points})
-    for method in sorted({p[0] for p in points}):
-        mine = [p for p in points if p[0] == method]
-        ax.scatter([p[2] for p in mine], [p[3] for p in mine], label=method,
-                   marker="os^Dvx+*<>ph"[sorted({q[0] for q in points}).index(method) % 12])
-    ax.set_xscale("log")
-    ax.set_xlabel("training time per cell (s, log scale)")
-    ax.set_ylabel("best-epoch primary metric (x100)")
-    ax.set_title(f"{suite}: score vs training cost ({', '.join(tasks)})", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return True
-
-
-@hookimpl(trylast=True)
-def kdbench_render_leaderboard(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) -> str:
-    """Default markdown renderer."""
-    return render_markdown(board, suite, meta)
+            after = [a for r in cells if (a := _number(r["teacher_after"].get(f"teacher/{key}"))) is not None]
+            start = _values(ok[(ok["method"] == "teacher") & (ok["task"] == task)], "best", key)
+            kl = [a for r in cells if (a := _number(r["teacher_after"].get("teacher/kl_to_initial"))) is not None]
+            drift = [a for r in cells if (a := _number(r["teacher_after"].get("teacher/param_drift"))) is not None]
+            rows.append({"Method": method, "Task": f"{task} {key}", "Teacher at start": _cell(start),
+                         "Teacher after": _cell(after), "KL to start": _mean(kl, ".3g"),
+                         "Param drift": _mean(drift, ".3g"), "Seeds": len(cells)})
+    return pd.DataFrame(rows)

@@ -26,7 +26,6 @@ from kdbench.errors import ConfigError, PluginError
 from kdbench.registry import Registry, suggest
 
 if TYPE_CHECKING:
-    import pandas as pd
 
     from kdbench.config import Suite
     from kdbench.plan import CellSpec
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 BUILTIN_PLUGINS = (
     "kdbench.runner",
-    "kdbench.leaderboard",
     "kdbench.executors",
     "kdbench.logging_tb",
     "kdbench_builtins.tasks_glue",
@@ -253,13 +251,6 @@ class Host:
     def update_result(self, result: dict[str, Any]) -> None:
         """Let plugins add provenance."""
         self.pm.hook.kdbench_update_result(result=result)
-
-    def render_leaderboard(self, board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) -> str:
-        """Leaderboard text for one suite."""
-        text = self.pm.hook.kdbench_render_leaderboard(board=board, suite=suite, meta=meta)
-        if text is None:
-            raise PluginError("no plugin rendered the leaderboard; is kdbench.leaderboard blocked?")
-        return str(text)
 
     def lookup(self, kind: str, name: str, where: str) -> Any:
         """Registry lookup whose error says where the name came from."""

@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +24,11 @@ from kdbench.errors import DataError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from kdbench.config import Suite
     from kdbench.plan import CellSpec
 
 SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"  # the plan facts a leaderboard page needs; see write_plan
 FINAL = ("ok", "n-a", "diverged")  # statuses a rerun skips; "failed" is retried with --retry-failed
 
 
@@ -121,18 +124,28 @@ def read_result(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """All results below ``results_dir`` as a DataFrame, one row per cell.
+def load_results(results_dir: str | Path, unreadable: list[str] | None = None) -> pd.DataFrame:
+    """All results below ``results_dir`` as a DataFrame, one row per cell (``plan.json`` is not one).
 
     Columns: the scalar fields (run_id, method, task, student, seed, status, ...), ``best.<split/metric>``
     and ``last.<split/metric>`` metric columns, ``samples_per_s``, ``mfu`` and ``result`` (the dict).
+    An unreadable file raises, unless ``unreadable`` is given: then its error is appended there and
+    the file skipped, so one torn file does not hide the rest of a leaderboard.
     """
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], Path] = {}
     for path in sorted(Path(results_dir).rglob("*.json")):
-        r = read_result(path)
+        if path.name == PLAN_FILE:
+            continue
+        try:
+            r = read_result(path)
+        except DataError as exc:
+            if unreadable is None:
+                raise
+            unreadable.append(str(exc).split(". Hint:")[0])
+            continue
         cell = (r.get("method"), r.get("task"), r.get("student"), r.get("teacher_name"), r.get("seed"))
         if cell in seen:
             raise DataError(f"{path} and {seen[cell]} are the same cell (method {cell[0]}, task {cell[1]}, "
@@ -151,3 +164,62 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
         row["result"] = r
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+PLAN_CELL_KEYS = ("run_id", "method", "task", "student", "teacher", "seed", "na_reason")
+
+
+def plan_facts(suite: Suite) -> dict[str, Any]:
+    """What a leaderboard page needs from the suite: name, how to rerun it, description, budget,
+    reference rows and the method the paired table compares against."""
+    from kdbench.config import builtin_suites
+
+    shipped = builtin_suites().get(suite.name)
+    builtin = shipped is not None and Path(suite.path).resolve() == Path(shipped).resolve()
+    return {"name": suite.name, "suite_arg": suite.name if builtin else suite.path,
+            "description": suite.description, "budget": suite.budget, "reference": suite.reference,
+            "baseline_method": str(getattr(suite, "baseline_method", "") or "kd")}
+
+
+def write_plan(results_dir: Path, suite: Suite, cells: Sequence[CellSpec]) -> Path:
+    """Write (merge into) ``<results_dir>/plan.json``: the suite's facts (newest wins) and the union
+    of planned cells by run id (a re-planned cell replaces its old entry and moves last).
+
+    ``kdbench run`` writes it after planning, so that ``kdbench leaderboard`` renders from the
+    results directory alone, whatever plugins are installed when it renders.
+    """
+    old = read_plan(results_dir) or {}
+    new = [{k: getattr(c, k) for k in PLAN_CELL_KEYS} for c in cells]
+    fresh = {c["run_id"] for c in new}
+    merged = [c for c in old.get("cells", []) if c.get("run_id") not in fresh] + new
+    plan = {"schema_version": SCHEMA_VERSION, "suite": plan_facts(suite), "cells": merged}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / PLAN_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(_plan_json(plan), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _plan_json(plan: dict[str, Any]) -> str:
+    """Indented JSON with one line per cell, so that a re-plan diffs line by line."""
+    head = json.dumps({k: v for k, v in plan.items() if k != "cells"}, indent=1, sort_keys=True, default=str)
+    cells = ",\n".join("  " + json.dumps(c, sort_keys=True, default=str) for c in plan["cells"])
+    return head[:-2] + ',\n "cells": [\n' + cells + "\n ]\n}\n"
+
+
+def read_plan(results_dir: Path) -> dict[str, Any] | None:
+    """``<results_dir>/plan.json``, or None when there is none; a corrupt one is a DataError."""
+    path = Path(results_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable plan file ({exc}). Hint: rerun `kdbench run` for this "
+                        "directory (it rewrites the plan without running finished cells)") from exc
+    if not isinstance(plan, dict) or not isinstance(plan.get("suite"), dict):
+        raise DataError(f"{path}: not a kdbench plan file. Hint: delete it and rerun `kdbench run`")
+    plan["suite"].setdefault("baseline_method", "kd")
+    plan.setdefault("cells", [])
+    return plan

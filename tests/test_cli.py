@@ -115,6 +115,7 @@ def test_leaderboard_plan_pages_for_suites_without_results(tmp_path, capsys):
     results = Path(__file__).resolve().parents[1] / "leaderboards" / "results" / "quickstart"
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "quickstart").symlink_to(results)
+    (tmp_path / "plans").symlink_to(results.parents[1] / "plans")  # plan pages render from plan files
     assert main(["leaderboard", "--out-dir", str(tmp_path)]) == 0
     page = (tmp_path / "cifar100.md").read_text()
     assert "No kdbench results yet" in page and "| Not run yet" in page and "kd, " in page
@@ -135,7 +136,7 @@ def test_run_end_to_end_subprocess(tmp_path):
     board = (tmp_path / "lb" / "tiny.md").read_text()
     assert "| kd " in board and "| teacher " in board
     results = list((tmp_path / "lb" / "results" / "tiny").glob("*.json"))
-    assert len(results) == 2
+    assert len(results) == 3 and (tmp_path / "lb" / "results" / "tiny" / "plan.json") in results  # 2 cells + plan
     # a second run skips finished cells and re-renders the same table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "2 already done, 0 to run" in again.stderr
@@ -158,7 +159,7 @@ def test_real_glue_task_end_to_end_cli(tmp_path, shared_dir):
            'task."glue/rte".max_train_examples=300', 'task."glue/rte".max_seq_length=64']
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    results = [json.loads(p.read_text()) for p in (tmp_path / "lb" / "results" / "tiny").glob("*.json")]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "lb" / "results" / "tiny").glob("*__*.json")]
     assert {r["status"] for r in results} == {"ok"} and len(results) == 2
     kd = next(r for r in results if r["method"] == "kd")
     assert kd["data"]["rows"]["dev"] == 277 and kd["data"]["rows"]["train"] == 270  # 300 capped, 10 % quiz

@@ -416,7 +416,7 @@ def _fresh_checkpoint(ckpt_dir: Path, since: float, pattern: str = "*.pt") -> An
 def _final(results_dir: Path) -> dict[str, dict[str, Any]]:
     """Every result file parses; {run_id: result}."""
     out = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(results_dir.glob("*__*.json")):  # result files, not plan.json
         r = read_result(path)
         assert path.name == f"{r['run_id']}.json"
         out[r["run_id"]] = r

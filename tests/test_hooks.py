@@ -7,7 +7,6 @@ import sys
 import types
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -140,12 +139,3 @@ def test_hook_run_cell(make_host, run_tiny):
 
     result = run_tiny(make_host(plugin_module(kdbench_run_cell=kdbench_run_cell)), "kd", steps=4)
     assert (result["status"], result["reason"]) == ("n-a", "replaced by a plugin")
-
-
-def test_hook_render_leaderboard():
-    @kdbench.hookimpl
-    def kdbench_render_leaderboard(board, suite, meta):
-        return f"{suite}: {len(board)} rows"
-
-    host = host_with(plugin_module(kdbench_render_leaderboard=kdbench_render_leaderboard), builtins=CORE)
-    assert host.render_leaderboard(pd.DataFrame([{"a": 1}]), "s", {}) == "s: 1 rows"

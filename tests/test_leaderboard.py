@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from kdbench.errors import DataError
-from kdbench.leaderboard import bootstrap_ci, render_markdown
+from kdbench.leaderboard import bootstrap_ci
+from kdbench.publish import render_markdown
 from kdbench.results import SCHEMA_VERSION, load_results, write_result
 
 GOLDEN = Path(__file__).with_name("golden") / "leaderboard.md"
@@ -100,7 +101,7 @@ def test_same_cell_under_two_configurations_is_refused(tmp_path):
 
 
 def test_cost_plot_written_and_embedded(board, tmp_path):
-    from kdbench.leaderboard import plot_cost
+    from kdbench.plots import plot_cost
 
     png = tmp_path / "golden.png"
     assert plot_cost(board, "golden", str(png)) and png.read_bytes()[:4] == b"\x89PNG"
@@ -111,21 +112,25 @@ def test_cost_plot_written_and_embedded(board, tmp_path):
 def test_coverage_lists_the_planned_cells_without_results(tmp_path):
     import pandas as pd
 
-    from kdbench.commands import coverage
     from kdbench.config import load_suite
-    from kdbench.leaderboard import coverage_section
     from kdbench.manager import Host
+    from kdbench.plan import expand
+    from kdbench.publish import coverage, coverage_section
+    from kdbench.results import read_plan, write_plan
     from kdbench.testing import tiny_suite
 
     path = tiny_suite(tmp_path / "t.toml", "kd")
     path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    suite = load_suite(str(path))
+    write_plan(tmp_path / "r", suite, expand(suite, Host.create(autoload=False)))
     board = pd.DataFrame([{"method": "kd", "task": "toy/reviews", "student": "bert-l1", "teacher_name": "bert", "seed": 0},
                           {"method": "teacher", "task": "toy/reviews", "student": "", "teacher_name": "bert", "seed": 0}])
-    cov = coverage(Host.create(autoload=False), load_suite(str(path)), board)
+    cov = coverage(read_plan(tmp_path / "r")["cells"], board)
     assert cov == {"planned": 4, "done": 2,
                    "missing": {("", "toy/reviews"): {"teacher": [1]}, ("bert-l1", "toy/reviews"): {"kd": [1]}}}
-    text = "\n".join(coverage_section(cov, "tiny"))
-    assert text.startswith("Coverage: 2 of 4 planned cells are done") and "`kdbench run --suite tiny`" in text
+    run = "kdbench run --suite t.toml --results-dir r"
+    text = "\n".join(coverage_section(cov, run))
+    assert text.startswith("Coverage: 2 of 4 planned cells are done") and f"`{run}` runs exactly these" in text
     assert re.search(r"\| \(teacher\) +\| toy/reviews +\| teacher \(seeds 1\) +\|", text)
     assert re.search(r"\| bert-l1 +\| toy/reviews +\| kd \(seeds 1\) +\|", text)
-    assert coverage_section(dict(cov, done=4, missing={}), "tiny") == ["Coverage: 4 of 4 planned cells are done (a result file, or n-a by plan).", ""]
+    assert coverage_section(dict(cov, done=4, missing={}), run) == ["Coverage: 4 of 4 planned cells are done (a result file, or n-a by plan).", ""]

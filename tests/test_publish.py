@@ -1,0 +1,217 @@
+"""The leaderboard is a function of its results directory: plan file, no plugins, torn files,
+other folders; and its tables measure the methods (headroom, held-out selection, teacher after)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdbench.cli import main
+from kdbench.errors import DataError
+from kdbench.publish import render, render_markdown
+from kdbench.results import SCHEMA_VERSION, load_results, read_plan, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "plugins" / "kdbench-example"
+
+
+def result(method, task, seed, value, *, student="s1", selection="dev/accuracy", best=None, **extra):
+    """A minimal result file (one task metric, x1 scale)."""
+    key = "dev/accuracy"
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": f"{method}__{task.replace('/', '-')}__{student}__s{seed}__x",
+        "suite": "mine", "method": method, "task": task, "student": "" if method == "teacher" else student,
+        "teacher_name": "t1", "seed": seed, "status": "ok", "reason": "",
+        "metrics": {"best": best or {key: value}, "last": {key: value - 0.01}},
+        "protocol": {"selection": selection, "best_epoch": 1},
+        "config": {"teacher": {"name": "t1", "kind": "tiny-bert"}, "student_model": {"kind": "pick-layers"}},
+        "wall_s": 10.0, "peak_memory_mb": 100.0, "throughput": {"samples_per_s": 50.0}, "extra": {}, **extra,
+    }
+
+
+def write_plan_file(d: Path, cells, **suite) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    facts = {"name": "mine", "suite_arg": "mine.toml", "description": "", "budget": "", "reference": [], **suite}
+    (d / "plan.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "suite": facts, "cells": cells}))
+
+
+def cell(method, task, seed, student="s1"):
+    return {"run_id": f"{method}__{task}__{seed}", "method": method, "task": task,
+            "student": "" if method == "teacher" else student, "teacher": "t1", "seed": seed, "na_reason": ""}
+
+
+def board_of(tmp_path, results):
+    for r in results:
+        write_result(tmp_path / "r", r)
+    return load_results(tmp_path / "r")
+
+
+def matrix(values: dict[str, float], task="toy/a", seeds=(0, 1, 2), **extra):
+    return [result(m, task, s, v + 0.001 * s, **extra) for m, v in values.items() for s in seeds]
+
+
+# -- plan file and plugin independence -------------------------------------------------------------
+
+
+def test_write_plan_merges_cells_by_run_id_and_newest_suite_facts(tmp_path):
+    from kdbench.config import load_suite
+    from kdbench.manager import Host
+    from kdbench.plan import expand
+    from kdbench.results import write_plan
+    from kdbench.testing import tiny_suite
+
+    host = Host.create(autoload=False)
+    path = tiny_suite(tmp_path / "t.toml", "kd")
+    first = load_suite(str(path))
+    write_plan(tmp_path / "r", first, expand(first, host))
+    again = load_suite(str(path), ["suite.seeds=[1]", 'suite.description="second"'])
+    write_plan(tmp_path / "r", again, expand(again, host))
+    plan = read_plan(tmp_path / "r")
+    assert plan is not None and plan["suite"]["description"] == "second"
+    assert plan["suite"]["baseline_method"] == "kd" and plan["suite"]["suite_arg"] == str(path)
+    assert sorted((c["method"], c["seed"]) for c in plan["cells"]) == [("kd", 0), ("kd", 1), ("teacher", 0), ("teacher", 1)]
+    assert len({c["run_id"] for c in plan["cells"]}) == 4
+    write_plan(tmp_path / "r", again, expand(again, host))  # re-planning the same cells adds none
+    assert len(read_plan(tmp_path / "r")["cells"]) == 4
+    assert len(load_results(tmp_path / "r")) == 0  # plan.json is not a result file
+
+
+def test_old_plan_files_default_the_baseline_method(tmp_path):
+    write_plan_file(tmp_path, [])
+    assert read_plan(tmp_path)["suite"]["baseline_method"] == "kd"
+    (tmp_path / "plan.json").write_text("{")
+    with pytest.raises(DataError, match="unreadable plan file"):
+        read_plan(tmp_path)
+
+
+def test_leaderboard_builds_no_plugin_manager(monkeypatch, capsys):
+    import kdbench.manager
+
+    def refuse(**_):
+        raise AssertionError("kdbench leaderboard built a plugin manager")
+
+    monkeypatch.setattr(kdbench.manager, "make_plugin_manager", refuse)
+    monkeypatch.chdir(REPO)
+    assert main(["leaderboard", "--check"]) == 0
+
+
+def test_check_is_the_same_with_the_example_plugin_loadable():
+    """Installing plugins/kdbench-example (method anchored-kd; quickstart runs "all" methods) must
+    not change the committed pages: load it by KDBENCH_PLUGINS, -p and entry points at once."""
+    env = {**os.environ, "KDBENCH_DISABLE_PLUGIN_AUTOLOAD": "", "KDBENCH_PLUGINS": "kdbench_anchored",
+           "PYTHONPATH": os.pathsep.join([str(EXAMPLE), str(REPO), str(REPO / "plugins")])}
+    probe = subprocess.run([sys.executable, "-m", "kdbench", "-p", "kdbench_anchored", "validate", "--dry-run"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "anchored-kd" in probe.stdout, probe.stderr[-2000:]  # the plugin really is loadable and planned
+    done = subprocess.run([sys.executable, "-m", "kdbench", "-p", "kdbench_anchored", "leaderboard", "--check"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- other folders, torn files ---------------------------------------------------------------------
+
+
+def test_another_folder_is_named_after_its_suite_and_suggests_a_working_command(tmp_path, capsys):
+    d = tmp_path / "some folder"
+    for r in matrix({"kd": 0.6, "no-kd": 0.5, "teacher": 0.8}, seeds=(0,)):
+        write_result(d, r)
+    write_plan_file(d, [cell(m, "toy/a", s) for m in ("kd", "no-kd", "teacher") for s in (0, 1)])
+    assert main(["leaderboard", str(d), "--out-dir", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "some folder.md").read_text()
+    assert page.splitlines()[1] == "# mine leaderboard"
+    run = f"kdbench run --suite mine.toml --results-dir '{d.as_posix()}'"
+    assert "Coverage: 3 of 6 planned cells are done" in page and f"`{run}` runs exactly these" in page
+    assert "--suite some folder" not in page
+
+
+def test_a_folder_without_plan_file_takes_the_suite_from_its_results(tmp_path):
+    board = board_of(tmp_path, matrix({"kd": 0.6, "teacher": 0.8}))
+    assert len(board) == 6
+    page = render(tmp_path / "r")
+    assert page.splitlines()[1] == "# mine leaderboard" and "Coverage" not in page
+
+
+def test_unreadable_result_files_are_named_and_the_rest_rendered(tmp_path):
+    board_of(tmp_path, matrix({"kd": 0.6, "no-kd": 0.5, "teacher": 0.8}))
+    torn = tmp_path / "r" / "kd__toy-a__s1__s2__x.json"
+    torn.write_text(torn.read_text()[:50])
+    with pytest.raises(DataError, match="unreadable result file"):
+        load_results(tmp_path / "r")
+    page = render(tmp_path / "r")
+    assert "Unreadable result files, left out of every table below" in page
+    assert re.search(r"^- .*kd__toy-a__s1__s2__x\.json: unreadable result file", page, re.M)
+    assert re.search(r"\| kd +\| 60\.0 ± 0\.1 \(2\)", page)  # the two readable kd seeds
+    assert re.search(r"\| teacher +\| 80\.1 ± 0\.1 \(3\)", page)
+
+
+# -- tables that measure the methods ---------------------------------------------------------------
+
+
+def test_no_headroom_when_the_teacher_is_no_better_than_the_trivial_baseline(tmp_path):
+    from kdbench.leaderboard import method_table, no_headroom, primary_columns, student_rows
+
+    signal = matrix({"kd": 0.70, "metadistil": 0.75, "no-kd": 0.60, "teacher": 0.90}, task="toy/a",
+                    baseline={"dev/accuracy": 0.5})
+    noise = matrix({"kd": 0.50, "metadistil": 0.60, "no-kd": 0.50, "teacher": 0.52}, task="toy/noise",
+                   baseline={"dev/accuracy": 0.5})
+    board = board_of(tmp_path, signal + noise)
+    sub = student_rows(board, "s1")
+    cols = primary_columns(sub)
+    flagged = no_headroom(sub, cols)
+    assert list(flagged) == [("toy/noise", "dev/accuracy")]
+    assert "within 5 points of the trivial baseline (50.0)" in flagged[("toy/noise", "dev/accuracy")]
+    table = method_table(board, "s1", "best", [], cols, flagged).set_index("Method")
+    assert table.loc["metadistil", "Avg ↑"] == "75.1"  # toy/a only: toy/noise is out of the average
+    assert table.loc["metadistil", "toy/noise accuracy ↑ †"] == "60.1 ± 0.1 (3)"  # still shown
+    assert table.loc["trivial baseline", "toy/a accuracy ↑"] == "50.0 ± 0.0 (3)"
+    page = render_markdown(board, "mine", {})
+    assert "toy/noise: the teacher (52.1) is within 5 points of the trivial baseline (50.0)" in page
+    assert re.search(r"\| metadistil +\| toy/a dev/accuracy +\| \+5\.00 \* ", page)
+    assert re.search(r"\| metadistil +\| toy/noise dev/accuracy † +\| \+10\.00 +\|", page)  # no * mark
+
+
+def test_no_headroom_when_no_kd_reaches_the_teacher(tmp_path):
+    from kdbench.leaderboard import no_headroom, primary_columns, student_rows
+
+    board = board_of(tmp_path, matrix({"kd": 0.80, "no-kd": 0.795, "teacher": 0.80}))  # old files: no baseline
+    sub = student_rows(board, "s1")
+    assert "no-kd (79.6) is within 1 point of the teacher (80.1)" in no_headroom(sub, primary_columns(sub))[("toy/a", "dev/accuracy")]
+
+
+def test_headline_uses_the_heldout_selection_and_reports_dev(tmp_path):
+    rows = [result(m, "toy/a", s, 0, selection="heldout/accuracy",
+                   best={"heldout/accuracy": 0.9, "dev/accuracy": v})
+            for m, v in {"kd": 0.70, "no-kd": 0.60, "teacher": 0.85}.items() for s in (0, 1)]
+    for r in rows:
+        r["metrics"]["best_on_dev"] = {"dev/accuracy": r["metrics"]["best"]["dev/accuracy"] + 0.05}
+    page = render_markdown(board_of(tmp_path, rows), "mine", {})
+    sections = page.split("## Student ")
+    headline = next(s for s in sections if s.startswith("`s1` (best epoch)"))
+    on_dev = next(s for s in sections if s.startswith("`s1` (best epoch on dev)"))
+    assert "heldout" not in headline.split("|", 1)[1].split("\n")[0]  # no held-out column
+    assert re.search(r"\| kd +\| 70\.0 ± 0\.0 \(2\)", headline) and re.search(r"\| kd +\| 75\.0 ± 0\.0 \(2\)", on_dev)
+    assert "selected on `heldout/accuracy` and reported on the splits shown" in page
+    assert "(best epoch)" in page.split("(best epoch on dev)")[0] and "(last epoch)" in page
+
+
+def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
+    rows = matrix({"kd": 0.70, "metadistil": 0.75, "no-kd": 0.60, "teacher": 0.85})
+    for r in rows:
+        if r["method"] == "metadistil":
+            r["teacher_after"] = {"teacher/dev/accuracy": 0.80, "teacher/kl_to_initial": 0.0123,
+                                  "teacher/param_drift": 1.5}
+            r["extra"]["changes_teacher"] = True
+    board = board_of(tmp_path, rows)
+    page = render_markdown(board, "mine", {"baseline_method": "no-kd"})
+    assert "Paired difference to `no-kd`" in page and "Δ vs no-kd" in page and "Δ vs kd" not in page
+    assert re.search(r"\| kd +\| toy/a dev/accuracy +\| \+10\.00 \* ", page)
+    assert re.search(r"\| metadistil +\| toy/a dev/accuracy +\| 85\.1 ± 0\.1 \(3\) +\| 80\.0 ± 0\.0 \(3\) +\| "
+                     r"0\.0123 +\| 1\.5 +\| 3 ", page)
+    write_plan_file(tmp_path / "r", [], baseline_method="no-kd")
+    assert "Δ vs no-kd" in render(tmp_path / "r")
