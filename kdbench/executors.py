@@ -310,8 +310,8 @@ class LocalExecutor(Executor):
                     on_start: Callable[[CellSpec], None] | None) -> Iterator[dict[str, Any]]:
         from kdbench.loop import set_progress_sink
 
-        report = self.on_progress
-        previous = set_progress_sink(None if report is None else lambda *a: report(0, *a))
+        report = self.on_progress  # None: leave this process's sink (or tqdm bars) as they are
+        previous = set_progress_sink(lambda *a: report(0, *a)) if report is not None else None
         try:
             for spec in specs:
                 skipped = _begin(spec, mctx)
@@ -326,7 +326,8 @@ class LocalExecutor(Executor):
                     _end(spec, mctx)
                 yield result
         finally:
-            set_progress_sink(previous)
+            if report is not None:
+                set_progress_sink(previous)
 
 
 @hookimpl

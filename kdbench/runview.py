@@ -64,6 +64,9 @@ class RunView:
         if status != "ok" and result.get("reason"):
             line += f"  ({str(result['reason'])[:120]})"
         if self.bar is not None:
+            label = f"{result.get('method')} {result.get('task')} s{result.get('seed')} "  # as runner.py names loops
+            self.lines = {k: v for k, v in self.lines.items() if not v.startswith(label)}
+            self.bar.set_postfix_str(" | ".join(self.lines[k] for k in sorted(self.lines)), refresh=False)
             self.bar.write(f"  {line}")
             self.bar.update(1)
         else:
