@@ -114,13 +114,17 @@ def test_worker_processes_match_in_process_and_teachers_come_first(tmp_path: Pat
     suite = load_suite(str(tiny_suite(tmp_path / "tiny.toml", "kd", steps=4)), ["suite.seeds=[0, 1]"])
     cells = expand(suite, host)
     assert [c.method for c in cells] == ["teacher", "teacher", "kd", "kd"]
-    runs = {}
+    runs: dict[int, list[dict[str, Any]]] = {}
     for workers in (1, 2):
         events: list[tuple[str, str]] = []
+
+        def started(spec: Any, events: list[tuple[str, str]] = events) -> None:
+            events.append(("start", spec.run_id))
+
         ex = LocalExecutor(LocalConfig(workers=workers))
         mctx = MatrixContext(tmp_path / f"res{workers}", tmp_path / f"cache{workers}")
         runs[workers] = []
-        for result in ex.map(cells, mctx, host, on_start=lambda s, ev=events: ev.append(("start", s.run_id))):
+        for result in ex.map(cells, mctx, host, on_start=started):
             events.append(("done", result["run_id"]))
             runs[workers].append(result)
         for c in cells:  # a method cell starts only after its teacher's cell is done
