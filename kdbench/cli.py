@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 EPILOG = textwrap.dedent("""\
     examples:
-      kdbench run                                   # the offline quickstart suite
+      kdbench run                                   # the offline quickstart suite -> runs/quickstart.md
+      kdbench run --publish                         # ... into leaderboards/ (maintainers)
       kdbench run --suite glue-small --seeds 0      # a shipped suite, one seed
       kdbench run --suite my.toml train.epochs=2 loss.kd.temperature=4
       kdbench run --suite quickstart --dry-run      # print the plan
@@ -62,9 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
         p.add_argument("--students", help="comma-separated subset of the suite's students")
         p.add_argument("--seeds", help="comma-separated seeds (replaces the suite's)")
-        p.add_argument("--results-dir", help="default: leaderboards/results/<suite>")
+        p.add_argument("--results-dir", help="result files (default: runs/<suite>, or leaderboards/results/<suite> "
+                                             "with --publish); the page goes beside it unless --out-dir")
         p.add_argument("--cache-dir", help="teachers, tokenised data, checkpoints (default: $KDBENCH_CACHE or ~/.cache/kdbench)")
-        p.add_argument("--out-dir", default="leaderboards", help="where the leaderboard markdown goes")
+        p.add_argument("--out-dir", help="a leaderboards-style folder: results in OUT/results/<suite>, page OUT/<suite>.md")
+        if name == "run":
+            p.add_argument("--publish", action="store_true",
+                           help="write the published leaderboards/results/<suite> and leaderboards/<suite>.md "
+                                "(default: the git-ignored runs/<suite> and runs/<suite>.md)")
+            p.add_argument("--workers", type=int, metavar="N",
+                           help="local executor: cells run in N single-threaded worker processes (default: one "
+                                "per CPU core on CPU, 1 on a GPU); 1 = one after another in this process")
         p.add_argument("--device", default="auto")
         p.add_argument("--executor", default="local", help="local (default) or ray")
         p.add_argument("--executor-opt", action="append", default=[], metavar="key=value",

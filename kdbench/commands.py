@@ -78,29 +78,68 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
+def _executor(args: argparse.Namespace, host: Host, cells: list[Any]) -> Any:
+    """The executor from --executor, --executor-opt and (local) --workers; raises ConfigError."""
+    executor_cls = host.executors.get(args.executor)
+    problems: list[str] = []
+    opts = {k: parse_value(v) for k, v in (kv.partition("=")[::2] for kv in args.executor_opt)}
+    if args.workers is not None:
+        if args.executor != "local":
+            problems.append(f"--workers: applies to the local executor, not {args.executor!r}; "
+                            "give the ray executor --executor-opt num_cpus=/local_cpus= instead")
+        elif "workers" in opts:
+            problems.append("--workers and --executor-opt workers=: give one of them")
+        else:
+            opts["workers"] = args.workers
+    elif args.executor == "local" and "workers" not in opts:
+        opts["workers"] = default_workers(args.device, cells)
+    ecfg = build_config(executor_cls.Config, [opts], f"--executor-opt ({args.executor})", problems)
+    if problems:
+        raise ConfigError(problems)
+    return executor_cls(ecfg)
+
+
+def default_workers(device: str, cells: list[Any]) -> int:
+    """One local worker per usable CPU core, or 1 when cells run on a GPU (one GPU, shared)."""
+    import os
+
+    import torch
+
+    devices = {c.train.device if c.train.device != "auto" else device for c in cells}
+    if any(d.startswith("cuda") or (d == "auto" and torch.cuda.is_available()) for d in devices):
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_paths(args: argparse.Namespace, suite: str) -> tuple[Path, Path]:
+    """(results directory, leaderboard page): runs/<suite>/ and runs/<suite>.md by default (git
+    ignored); the published leaderboards/ only with --publish, or under --out-dir; beside an
+    explicit --results-dir otherwise."""
+    out_dir = Path(args.out_dir) if args.out_dir else Path("leaderboards") if args.publish else None
+    if args.results_dir:
+        results_dir = Path(args.results_dir)
+    else:
+        results_dir = out_dir / "results" / suite if out_dir else Path("runs") / suite
+    return results_dir, (out_dir or results_dir.parent) / f"{suite}.md"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Plan, run pending cells, render the leaderboard."""
-    from kdbench.executors import HostArgs, MatrixContext, pending
+    """Plan, run pending cells, render the leaderboard page, print its headline tables."""
+    from kdbench.executors import HostArgs, MatrixContext, pending, set_aside_unreadable
     from kdbench.publish import write_leaderboard
     from kdbench.results import write_plan
+    from kdbench.runview import RunView, headline
 
     host, suite, cells = plan(args)
     if not cells:
         print("kdbench: nothing to run: the plan is empty", file=sys.stderr)
         return int(ExitCode.NOTHING_TO_RUN)
-    executor_cls = host.executors.get(args.executor)
-    problems: list[str] = []
-    opts = dict(kv.partition("=")[::2] for kv in args.executor_opt)
-    ecfg = build_config(executor_cls.Config, [{k: parse_value(v) for k, v in opts.items()}],
-                        f"--executor-opt ({args.executor})", problems)
-    if problems:
-        raise ConfigError(problems)
+    executor = _executor(args, host, cells)
     if args.dry_run:
         print_plan(cells)
         return int(ExitCode.OK)
     check_data(host, cells)
-    out_dir = Path(args.out_dir)
-    results_dir = Path(args.results_dir) if args.results_dir else out_dir / "results" / suite.name
+    results_dir, page = run_paths(args, suite.name)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     extra = tuple(p for p in args.plugins if not p.startswith("no:"))
     blocked = tuple(p[3:] for p in args.plugins if p.startswith("no:"))
@@ -108,23 +147,29 @@ def cmd_run(args: argparse.Namespace) -> int:
                          {"description": suite.description, "budget": suite.budget, "path": suite.path,
                           "reference": suite.reference})
     write_plan(results_dir, suite, cells)  # what the leaderboard needs of the plan, next to the results
+    for run_id, moved, why in set_aside_unreadable(cells, results_dir):
+        print(f"kdbench: {run_id}: rerunning the cell: its result file was unreadable ({why}); "
+              f"the file was moved to {moved}", file=sys.stderr)
     todo = pending(cells, results_dir, args.retry_failed)
+    workers = getattr(executor.cfg, "workers", 0)
     print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
-          f"{len(todo)} to run -> {results_dir}", file=sys.stderr)
-    failed = 0
-    from tqdm import tqdm
-
-    with tqdm(total=len(todo), desc=suite.name, unit="cell", file=sys.stderr, disable=not todo) as bar:
-        for result in executor_cls(ecfg).map(todo, mctx, host):
-            bar.update(1)
-            status = result["status"]
-            failed += status == "failed"
-            bar.write(f"  {status:8s} {result['run_id']}"
-                      + (f"  ({result.get('reason', '')[:120]})" if status != "ok" else ""))
+          f"{len(todo)} to run -> {results_dir}" + (f" ({min(workers, len(todo))} workers)" if workers > 1 and todo else ""),
+          file=sys.stderr)
+    view = RunView(suite.name, len(todo))
+    executor.on_progress = view.progress
+    try:
+        for result in executor.map(todo, mctx, host):
+            view.finished(result)
+    finally:
+        view.close()
+    written = None
     if not args.no_leaderboard:
-        path = write_leaderboard(results_dir, out_dir / f"{suite.name}.md")
-        print(f"kdbench: leaderboard -> {path}", file=sys.stderr)
-    return int(ExitCode.RUNS_FAILED if failed else ExitCode.OK)
+        written = write_leaderboard(results_dir, page)
+        table = headline(written.read_text(encoding="utf-8"))
+        if table:
+            print(table)
+    print(view.summary(suite.name, len(cells) - len(todo), results_dir, written), file=sys.stderr)
+    return int(ExitCode.RUNS_FAILED if view.counts["failed"] else ExitCode.OK)
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:

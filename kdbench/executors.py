@@ -8,7 +8,6 @@ gradient accumulation) up to ``train.oom_retries`` times — so one cell never s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -35,6 +34,39 @@ class HostArgs:
     autoload: bool | None = None
 
 
+def rebuild_host(a: HostArgs) -> Host:
+    """The Host that ``a`` describes (in a worker process)."""
+    from kdbench.manager import Host as HostCls
+    from kdbench.manager import make_plugin_manager
+
+    return HostCls(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+
+
+def _plugin_ids(pm: Any) -> set[str]:
+    """Module names of a manager's plugins (class path for plugin objects)."""
+    return {getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+            for _, plugin in pm.list_name_plugin() if plugin is not None}
+
+
+def check_rebuildable(host: Host, a: HostArgs, where: str, hint: str) -> None:
+    """Workers rebuild the Host from ``a``: refuse plugins registered in this process only."""
+    import sys
+
+    # rebuilding re-imports -p files; keep this process's modules (the specs pickle their classes)
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("kdbench_local_")}
+    try:
+        rebuilt = _plugin_ids(rebuild_host(a).pm)
+    finally:
+        sys.modules.update(saved)
+    missing = sorted(_plugin_ids(host.pm) - rebuilt)
+    if missing:
+        from kdbench.errors import ConfigError
+
+        raise ConfigError(f"{where}: plugin(s) {', '.join(missing)} were registered in this process "
+                          f"only, so worker processes cannot load them. Hint: load them with "
+                          f"-p MODULE_OR_FILE (or KDBENCH_PLUGINS), or {hint}")
+
+
 @dataclass
 class MatrixContext:
     """Everything ``execute_cell`` needs, picklable for remote workers."""
@@ -58,14 +90,11 @@ def is_oom(exc: BaseException) -> bool:
 def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) -> dict[str, Any]:
     """Run one cell with failure isolation, add provenance, write the result; return it."""
     from kdbench.loop import Diverged, save_path
-    from kdbench.manager import Host as HostCls
-    from kdbench.manager import make_plugin_manager
     from kdbench.results import new_result
     from kdbench.runner import RunContext
 
     if host is None:
-        a = mctx.host_args
-        host = HostCls(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+        host = rebuild_host(mctx.host_args)
     ctx = RunContext(host, mctx.results_dir, mctx.cache_dir, mctx.device)
     attempt, retries = spec, []  # type: CellSpec, list[dict[str, Any]]
     while True:
@@ -119,6 +148,33 @@ def _final_result(results_dir: Path, run_id: str) -> dict[str, Any] | None:
     return result if status in FINAL else None
 
 
+def set_aside_unreadable(specs: Sequence[CellSpec], results_dir: Path) -> list[tuple[str, Path, str]]:
+    """Move every unreadable result file of ``specs`` (truncated, invalid JSON, another schema)
+    to ``<file>.unreadable-<UTC time>``, so that rerunning its cell never overwrites it (and the
+    leaderboard, which reads ``*.json``, skips it). Returns ``(run_id, moved_to, why)`` each."""
+    import time
+
+    from kdbench.errors import DataError
+
+    moved = []
+    for spec in specs:
+        path = result_path(results_dir, spec.run_id)
+        if not path.exists():
+            continue
+        try:
+            read_result(path)
+        except DataError as exc:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            target = path.with_name(f"{path.name}.unreadable-{stamp}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
+            os.replace(path, target)
+            moved.append((spec.run_id, target, str(exc.__cause__ or exc)))
+    return moved
+
+
 def pending(specs: Sequence[CellSpec], results_dir: Path, retry_failed: bool) -> list[CellSpec]:
     """Cells without a final result (and failed ones when ``retry_failed``)."""
     todo = []
@@ -144,6 +200,11 @@ def _holder(path: Path) -> str | None:
         return None
     except PermissionError:
         pass  # alive, owned by another user
+    try:  # a zombie (dead, not yet reaped, e.g. under a container init that never reaps) is dead
+        if Path(f"/proc/{int(pid)}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            return None
+    except (OSError, IndexError):
+        pass
     return f"{host} {pid}"
 
 
@@ -165,28 +226,16 @@ def try_claim(path: Path) -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def claim(results_dir: Path, run_id: str) -> Iterator[str | None]:
-    """Claim a cell for this process so that two ``kdbench run`` processes sharing a results
-    directory never run it twice: ``<results_dir>/.claims/<run_id>`` holds "host pid". Yields None
-    when the claim is ours, else the holder; the file is removed when the cell ends."""
-    path = results_dir / ".claims" / run_id
-    holder = try_claim(path)
-    if holder is not None:
-        yield holder
-        return
-    try:
-        yield None
-    finally:
-        path.unlink(missing_ok=True)
-
-
 class Executor:
-    """Runs cells; subclasses decide where. ``map`` yields results as cells finish."""
+    """Runs cells; subclasses decide where. ``map`` yields results as cells finish.
+
+    ``on_progress(worker, label, done, total, what)``, when set, receives the running cells'
+    progress lines (executors that cannot forward them ignore it)."""
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type] = NoConfig
+    on_progress: Callable[[int, str, int, int, str], None] | None = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -197,33 +246,88 @@ class Executor:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class LocalConfig:
+    """Options of the "local" executor (``kdbench run --workers N`` sets ``workers``)."""
+
+    workers: int = 1  # worker processes; 1 = every cell in this process, one after another
+
+
+def _begin(spec: CellSpec, mctx: MatrixContext) -> dict[str, Any] | None:
+    """Claim ``spec`` for this process: None when it is ours to run, else the result to report
+    instead (``running`` when another live process holds it, nothing written; the final result
+    when another process finished it after this run was planned)."""
+    from kdbench.results import new_result
+
+    holder = try_claim(mctx.results_dir / ".claims" / spec.run_id)
+    if holder is not None:
+        result = new_result(spec)
+        result.update(status="running", reason=f"claimed by {holder} (rerun later; if that process "
+                                               f"is gone, delete {mctx.results_dir / '.claims' / spec.run_id})")
+        return result
+    done = _final_result(mctx.results_dir, spec.run_id)
+    if done is not None:
+        _end(spec, mctx)
+    return done
+
+
+def _end(spec: CellSpec, mctx: MatrixContext) -> None:
+    (mctx.results_dir / ".claims" / spec.run_id).unlink(missing_ok=True)
+
+
 class LocalExecutor(Executor):
-    """One cell after another in this process (the default)."""
+    """Cells on this machine: in this process one after another (``workers = 1``), or in
+    ``workers`` worker processes (:mod:`kdbench.workers`). A cell another live process has
+    claimed is passed over with status ``running`` (nothing written); one that another process
+    finished meanwhile yields that result."""
 
     name = "local"
+    Config = LocalConfig
+
+    def __init__(self, cfg: LocalConfig | None = None) -> None:
+        """``cfg`` None means the defaults (one cell at a time, in this process)."""
+        super().__init__(cfg if cfg is not None else LocalConfig())
+        if self.cfg.workers < 1:
+            from kdbench.errors import ConfigError
+
+            raise ConfigError(f"--workers must be >= 1 (got {self.cfg.workers}); 1 runs every cell in this process")
 
     def map(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
             on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
-        """Sequential, in plan order (teacher cells first). A cell another live process has
-        claimed is passed over with status ``running`` (nothing written); one that another process
-        finished meanwhile yields that result."""
-        from kdbench.results import new_result
+        """In plan order (teacher cells first); yield each result as its cell ends."""
+        workers = min(self.cfg.workers, len(specs))
+        if workers > 1:
+            from kdbench.workers import Pool
 
-        for spec in specs:
-            with claim(mctx.results_dir, spec.run_id) as holder:
-                if holder is not None:
-                    result = new_result(spec)
-                    result.update(status="running", reason=f"claimed by {holder} (rerun later; if that process "
-                                                           f"is gone, delete {mctx.results_dir / '.claims' / spec.run_id})")
-                    yield result
+            check_rebuildable(host, mctx.host_args, "--workers", "use --workers 1")
+            pool = Pool(workers, mctx, host, lambda s: _begin(s, mctx), lambda s: _end(s, mctx),
+                        on_start, self.on_progress)
+            yield from pool.map(specs)
+            return
+        yield from self._sequential(specs, mctx, host, on_start)
+
+    def _sequential(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
+                    on_start: Callable[[CellSpec], None] | None) -> Iterator[dict[str, Any]]:
+        from kdbench.loop import set_progress_sink
+
+        report = self.on_progress  # None: leave this process's sink (or tqdm bars) as they are
+        previous = set_progress_sink(lambda *a: report(0, *a)) if report is not None else None
+        try:
+            for spec in specs:
+                skipped = _begin(spec, mctx)
+                if skipped is not None:
+                    yield skipped
                     continue
-                done = _final_result(mctx.results_dir, spec.run_id)
-                if done is not None:  # another process finished it after this run was planned
-                    yield done
-                    continue
-                if on_start:
-                    on_start(spec)
-                yield execute_cell(spec, mctx, host)
+                try:
+                    if on_start:
+                        on_start(spec)
+                    result = execute_cell(spec, mctx, host)
+                finally:
+                    _end(spec, mctx)
+                yield result
+        finally:
+            if report is not None:
+                set_progress_sink(previous)
 
 
 @hookimpl

@@ -48,6 +48,51 @@ if TYPE_CHECKING:
     from kdbench.teachers import ArtifactStore
 
 
+#: ``(label, done, total, what)``: where every Loop's progress goes instead of a tqdm bar when set
+#: (an executor showing several cells at once, a worker process reporting to its parent)
+ProgressSink = Callable[[str, int, int, str], None]
+_progress_sink: ProgressSink | None = None
+
+
+def set_progress_sink(sink: ProgressSink | None) -> ProgressSink | None:
+    """Route the progress of every Loop started later in this process to ``sink`` (None: a tqdm
+    bar on a terminal); returns the previous sink."""
+    global _progress_sink
+    previous, _progress_sink = _progress_sink, sink
+    return previous
+
+
+class Progress:
+    """One training run's progress line: ``progress(done, total, what)`` with ``what`` naming the
+    phase ("step", or a rule's own, e.g. Meta-KD's "meta-teacher"). Goes to the process's sink,
+    else to a tqdm bar when stderr is a terminal, else nowhere."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.sink, self.what = label, _progress_sink, ""
+        self.bar: tqdm[Any] | None = None
+
+    def __call__(self, done: int, total: int, what: str = "step") -> None:
+        if self.sink is not None:
+            self.sink(self.label, done, total, what)
+            return
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None or what != self.what:
+            self.close()
+            self.bar = tqdm(total=total, initial=done, desc=f"{self.label} {what}", unit=what,
+                            leave=False, file=sys.stderr)
+            self.what = what
+        else:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Remove the bar (if any)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Diverged(Exception):
     """The loss became NaN/inf; ``step`` is where it was detected."""
 
@@ -346,6 +391,7 @@ class Loop:
         st, cfg = self.state, self.cfg
         self.ctx.batch = None
         self.stash["resuming"] = self.pending_rule_state is not None
+        progress = self.ctx.progress = Progress(self.desc or "train")
         self.log(st.step, {f"prepare/{k}": v for k, v in self.rule.prepare(self.ctx).items()})
         if self.pending_rule_state is not None:
             self.rule.load_state_dict(self.pending_rule_state)
@@ -355,8 +401,7 @@ class Loop:
                                         self.ctx.want, cfg, self.device, self.autocast)
         acc: dict[str, Tensor] = {}
         nacc = 0
-        bar = tqdm(total=self.total_steps, initial=st.step, desc=self.desc or "train", unit="step",
-                   leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
+        progress(st.step, self.total_steps)
         while st.epoch < cfg.epochs and not self._capped():
             self.loss.begin_epoch(st.epoch, cfg.epochs)
             if st.epoch in self.stages and st.batch_in_epoch == 0:
@@ -372,7 +417,7 @@ class Loop:
                 st.step += 1
                 st.batch_in_epoch += 1
                 st.samples += len(batch)
-                bar.update(1)
+                progress(st.step, self.total_steps)
                 for k, v in metrics.items():
                     acc[k] = acc.get(k, 0) + v
                 nacc += 1
@@ -401,7 +446,7 @@ class Loop:
             st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             if self.checkpoint and not self._capped():
                 self.checkpoint(self)
-        bar.close()
+        progress.close()
         return st
 
     def selection_key(self) -> str:

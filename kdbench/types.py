@@ -7,7 +7,7 @@ transformer layers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -347,6 +347,10 @@ class TeacherUpdate:
         """Restore what :meth:`state_dict` returned."""
 
 
+def _no_progress(done: int, total: int, what: str) -> None:
+    """StepContext.progress outside a Loop: report nothing."""
+
+
 @dataclass(slots=True)
 class StepContext:
     """What a teacher-update rule sees. The runner fills it; rules must not keep references
@@ -374,6 +378,9 @@ class StepContext:
     #: content-keyed store shared across cells for work worth reusing (None: nothing is shared);
     #: ``artifacts.get_or_build(key, build)``, see :class:`kdbench.teachers.ArtifactStore`
     artifacts: ArtifactStore | None = None
+    #: ``progress(done, total, what)``: report a long phase of the rule (e.g. ``prepare``) on the
+    #: cell's progress line, e.g. ``ctx.progress(i, n, "meta-teacher")``; the loop wires it up
+    progress: Callable[[int, int, str], None] = _no_progress
 
     def teacher_forward(self, inputs: Mapping[str, Tensor], *, grad: bool = False) -> ModelOutput:
         """Teacher forward in eval mode, with or without grad."""

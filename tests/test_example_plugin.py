@@ -44,7 +44,7 @@ def test_runs_end_to_end_and_can_be_blocked(installed, tmp_path):
     suite = tiny_suite(tmp_path / "tiny.toml", "anchored-kd", steps=8)
     done = cli("run", "--suite", str(suite), "--cache-dir", str(tmp_path / "c"), tmp=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    board = (tmp_path / "leaderboards" / "tiny.md").read_text()
+    board = (tmp_path / "runs" / "tiny.md").read_text()  # a local run: runs/, not leaderboards/
     assert "| anchored-kd " in board
     blocked = cli("-p", "no:anchored", "run", "--suite", str(suite), "--dry-run", tmp=tmp_path)
     assert blocked.returncode == 6 and "unknown method 'anchored-kd'" in blocked.stderr

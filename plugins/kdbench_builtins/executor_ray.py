@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import ConfigError
-from kdbench.executors import Executor, HostArgs, MatrixContext, execute_cell
+from kdbench.executors import Executor, HostArgs, MatrixContext, check_rebuildable, execute_cell
 from kdbench.hookspecs import hookimpl
 from kdbench.results import new_result, provenance, result_path, write_result
 
@@ -88,16 +88,6 @@ def _cell_remote(spec_pickle: bytes, mctx: MatrixContext, threads: int) -> dict[
     host = Host(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
     spec = pickle.loads(spec_pickle)
     return execute_cell(spec, mctx, host)
-
-
-def _plugin_ids(pm: Any) -> set[str]:
-    """Module names of a manager's plugins (class path for plugin objects)."""
-    ids = set()
-    for _, plugin in pm.list_name_plugin():
-        if plugin is not None:
-            ids.add(getattr(plugin, "__name__", None)
-                    or f"{type(plugin).__module__}.{type(plugin).__qualname__}")
-    return ids
 
 
 def _package_dir(module: str) -> Path:
@@ -144,23 +134,6 @@ class RayExecutor(Executor):
                                    cache_dir=Path(mctx.cache_dir).resolve(),
                                    host_args=HostArgs(extra, a.blocked, autoload))
 
-    def _check_plugins(self, host: Host, mctx: MatrixContext) -> None:
-        """Workers rebuild the Host from ``host_args``: refuse plugins registered in-process only."""
-        from kdbench.manager import make_plugin_manager
-
-        a = mctx.host_args
-        # rebuilding re-imports -p files; keep this process's modules (the specs pickle their classes)
-        saved = {k: v for k, v in sys.modules.items() if k.startswith("kdbench_local_")}
-        try:
-            rebuilt = _plugin_ids(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
-        finally:
-            sys.modules.update(saved)
-        missing = sorted(_plugin_ids(host.pm) - rebuilt)
-        if missing:
-            raise ConfigError(f"--executor ray: plugin(s) {', '.join(missing)} were registered in this "
-                              "process only, so Ray workers cannot load them. Hint: load them with "
-                              "-p MODULE_OR_FILE (or KDBENCH_PLUGINS), or use --executor local")
-
     def _runtime_env(self) -> dict[str, Any]:
         """Forwarded environment variables, and how workers find kdbench's code."""
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
@@ -206,7 +179,7 @@ class RayExecutor(Executor):
             raise ConfigError("--executor ray needs Ray: pip install 'kdbench[ray]' (or ray>=2.9), "
                               "or use --executor local") from exc
         mctx = self._portable(mctx)
-        self._check_plugins(host, mctx)
+        check_rebuildable(host, mctx.host_args, "--executor ray", "use --executor local")
         started = self._init(ray)
         try:
             cfg = self.cfg

@@ -354,6 +354,7 @@ class MetaKD(TeacherUpdate):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
+                ctx.progress(len(losses), total, "meta-teacher")
         for (_, p), flag in zip(named, flags, strict=True):
             p.requires_grad_(flag)
         out = {"meta/steps": float(len(losses))}
