@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         NoConfig,
         QuizStream,
         StepContext,
+        StepCost,
         StudentKind,
         Task,
         TeacherUpdate,
@@ -48,8 +49,8 @@ _HOME = {
     "lazy_import": "kdbench.lazy",
     "Registrar": "kdbench.registry",
     **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
-                     "NoConfig", "QuizStream", "StepContext", "StudentKind", "Task",
-                     "TeacherUpdate"), "kdbench.types"),
+                     "NoConfig", "QuizStream", "StepContext", "StepCost", "StudentKind",
+                     "Task", "TeacherUpdate"), "kdbench.types"),
 }
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "QuizStream",
     "Registrar",
     "StepContext",
+    "StepCost",
     "StudentKind",
     "Task",
     "TeacherUpdate",
