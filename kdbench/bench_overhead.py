@@ -25,21 +25,22 @@ from kdbench.plan import expand
 cells = expand(load_suite("quickstart"), host)
 t3 = time.perf_counter()
 from kdbench.testing import run_tiny_cell
+method = next(c.method for c in cells if not c.is_teacher)  # the plan's first method
 with tempfile.TemporaryDirectory() as tmp:
-    status = run_tiny_cell(host, Path(tmp), "kd", steps=1)["status"]
+    status = run_tiny_cell(host, Path(tmp), method, steps=1)["status"]
 t4 = time.perf_counter()
 with tempfile.TemporaryDirectory() as tmp:  # the same two cells again: what later cells pay
-    run_tiny_cell(host, Path(tmp), "kd", steps=1)
+    run_tiny_cell(host, Path(tmp), method, steps=1)
 t5 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "host": t2 - t1, "plan": t3 - t2, "cell": t4 - t3,
-                  "warm_cell": t5 - t4, "cells": len(cells), "status": status}))
+                  "warm_cell": t5 - t4, "cells": len(cells), "status": status, "method": method}))
 """
 
 
 def overhead_phases() -> dict[str, Any]:
     """Phases of runner overhead, timed inside a fresh interpreter (cold imports included):
-    imports, plugin loading + Host, planning the quickstart suite, and a tiny ``kd`` cell with
-    ``max_steps=1`` (its teacher cell and method cell: data, models, one step and evaluation each)."""
+    imports, plugin loading + Host, planning the quickstart suite, and a tiny cell of the plan's
+    first method with ``max_steps=1`` (its teacher cell and method cell: data, models, one step and evaluation each)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _OVERHEAD_SCRIPT], capture_output=True, text=True,
                           check=False)
@@ -77,7 +78,7 @@ def overhead_table(runs: list[dict[str, Any]], ls_times: dict[str, list[float]])
     total = med["host"] + med["plan"] + med["cell"]
     rows = [("imports (kdbench, torch, ...)", med["import"], ""),
             ("plugin loading + Host", med["host"], ""), ("plan quickstart suite", med["plan"], ""),
-            ("tiny kd cell, max_steps=1 (teacher + method cell)", med["cell"], ""),
+            (f"tiny {runs[0].get('method', '')} cell, max_steps=1 (teacher + method cell)", med["cell"], ""),
             ("overhead = Host + plan + cell", total, "< 2 s"),
             ("the same two cells again in the same process (warm)", med["warm_cell"], ""),
             ("whole process", med["process"], ""),

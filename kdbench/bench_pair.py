@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from kdbench.data import TaskData
     from kdbench.loop import Loop
     from kdbench.manager import Host
-    from kdbench.types import Batch, KDModel, StepCost, Task
+    from kdbench.types import Batch, DistillLoss, KDModel, StepCost, Task, TeacherUpdate
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SHARED_HF = Path(__file__).resolve().parents[1].parent / "shared" / "hf"
@@ -42,7 +42,7 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    "minilm": Shape(None, 2, 64, "eager"),  # eager: the Meta-KD loss needs attention maps
+    "minilm": Shape(None, 2, 64, "eager"),  # eager: losses on attention maps need it
     "tiny": Shape({"layers": 4, "hidden": 64, "heads": 2, "intermediate": 128}, 2, 64, "eager"),
     "bert-base": Shape({"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072,
                         "vocab_size": 30522, "max_position": 512}, 6, 128, "sdpa"),
@@ -131,14 +131,14 @@ def bench_rows(host: Host, select: tuple[str, ...] | None = None) -> list[BenchR
             bad = [k for k in options if k not in VARIANT_KEYS]
             if bad:
                 raise ConfigError(f"method {name!r} bench variant {suffix!r}: unknown option {bad[0]!r}; "
-                                  f"allowed: {', '.join(VARIANT_KEYS)}{suggest(bad[0], list(VARIANT_KEYS))}")
+                                  f"allowed: {', '.join(VARIANT_KEYS)}.{suggest(bad[0], list(VARIANT_KEYS))}")
             rows.append(BenchRow(f"{name} {suffix}".strip(), name, dict(options)))
     if select:
         names = [*dict.fromkeys([r.method for r in rows] + [r.label for r in rows])]
         missing = [s for s in select if s not in names]
         if missing:
             raise ConfigError(f"bench --methods: unknown {missing[0]!r}; methods and rows: "
-                              f"{', '.join(names)}{suggest(missing[0], names)}")
+                              f"{', '.join(names)}.{suggest(missing[0], names)}")
         rows = [r for r in rows if r.label in select or r.method in select]
     return rows
 
@@ -154,7 +154,7 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
     from kdbench.loop import generator, seed_for, transform
 
     if shape not in SHAPES:
-        raise ConfigError(f"bench --shape {shape!r}: use one of {', '.join(SHAPES)}{suggest(shape, list(SHAPES))}")
+        raise ConfigError(f"bench --shape {shape!r}: use one of {', '.join(SHAPES)}.{suggest(shape, list(SHAPES))}")
     if attn and attn not in ATTN:
         raise ConfigError(f"bench --attn {attn!r}: use one of {', '.join(ATTN)}")
     if shape == "minilm" and not minilm_available():
@@ -163,7 +163,7 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
     spec = SHAPES[shape]
     seq_len, attn = seq_len or spec.seq_len, attn or spec.attn
     host = host or bench_host()
-    task_cls = host.tasks.get("toy/reviews")  # multi-domain text classification (Meta-KD applies)
+    task_cls = host.tasks.get("toy/reviews")  # multi-domain text classification: every rule applies
     task = task_cls(task_cls.Config())
     hf, tiny = host.models.get("hf"), host.models.get("tiny-bert")
     kind = (tiny(tiny.Config(**{"max_position": max(128, seq_len), **spec.teacher}, attn_implementation=attn))
@@ -196,7 +196,7 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
     return Pair(host, task, t_model, s_model, data, fixed, dev, seq_len, shape, snap)
 
 
-def components(host: Host, row: BenchRow) -> tuple[type, Any, Any]:
+def components(host: Host, row: BenchRow) -> tuple[type[DistillLoss], Any, TeacherUpdate]:
     """(loss class, loss config, rule instance) from the method's defaults plus the row's overrides."""
     from kdbench.config import build_config
 
@@ -212,7 +212,7 @@ def components(host: Host, row: BenchRow) -> tuple[type, Any, Any]:
     return loss_cls, loss_cfg, rule_cls(rule_cfg)
 
 
-def row_cost(loss_cls: type, rule: Any, cached: bool) -> StepCost | None:
+def row_cost(loss_cls: type[DistillLoss], rule: TeacherUpdate, cached: bool) -> StepCost | None:
     """The rule's FLOP model for this loss; "≈" when the loss adds feature terms (``needs``)."""
     cost = rule.cost_model(live_teacher=not cached and loss_cls.uses_teacher)
     return replace(cost, approx=True) if cost is not None and loss_cls.needs else cost
