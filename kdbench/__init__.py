@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         NoConfig,
         QuizStream,
         StepContext,
+        StepCost,
         StudentKind,
         Task,
         TeacherUpdate,
@@ -52,8 +53,8 @@ _HOME = {
     "Registrar": "kdbench.registry",
     **dict.fromkeys(("DataOptions", "SourceOptions", "TextDataOptions"), "kdbench.taskopts"),
     **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
-                     "NoConfig", "QuizStream", "StepContext", "StudentKind", "Task",
-                     "TeacherUpdate"), "kdbench.types"),
+                     "NoConfig", "QuizStream", "StepContext", "StepCost", "StudentKind",
+                     "Task", "TeacherUpdate"), "kdbench.types"),
 }
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "Registrar",
     "SourceOptions",
     "StepContext",
+    "StepCost",
     "StudentKind",
     "Task",
     "TeacherUpdate",

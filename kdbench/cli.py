@@ -103,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """The ``kdbench bench`` subcommand's arguments."""
     p = sub.add_parser("bench", parents=parents, help="per-step cost of every method; runner overhead")
-    p.add_argument("--teacher", default="minilm", choices=["minilm", "tiny"],
-                   help="minilm: ../shared/hf MiniLM-L6 + 2-layer student (falls back to tiny)")
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--shape", "--teacher", dest="shape", default="minilm", choices=["minilm", "tiny", "bert-base"],
+                   help="minilm: ../shared/hf MiniLM-L6 + 2-layer student (falls back to tiny); bert-base: "
+                        "12L-768 from a BertConfig + 6 layers, SDPA, T=128; tiny: the same at 4L-64 + 2")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the shape's, 64 or 128)")
+    p.add_argument("--attn", default="", choices=["", "eager", "sdpa"], help="attention (default: the shape's)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps per method (default: 1 CPU, 3 CUDA)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
     p.add_argument("--device", default="cpu")

@@ -286,6 +286,30 @@ class QuizStream:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """FLOP model of one training step, per training example: ``teacher``·F_T + ``student``·F_S.
+
+    F_T / F_S is one forward pass of the teacher / student on one example (``flops_per_example``);
+    fwd+bwd ≈ 3F (performance.md §2.3). ``approx`` marks an estimate (printed with "≈").
+    """
+
+    teacher: float
+    student: float
+    approx: bool = False
+
+    def flops(self, f_t: float, f_s: float) -> float:
+        """FLOPs per training example for forward costs ``f_t`` and ``f_s``."""
+        return self.teacher * f_t + self.student * f_s
+
+    @property
+    def formula(self) -> str:
+        """E.g. ``"4F_T+11F_S"``, ``"3F_S"``, ``"≈F_T+3F_S"``."""
+        terms = [("" if c == 1 else f"{c:.3g}") + name
+                 for c, name in ((self.teacher, "F_T"), (self.student, "F_S")) if c]
+        return ("≈" if self.approx else "") + ("+".join(terms) or "0")
+
+
 class TeacherUpdate:
     """A teacher-update rule: how (and whether) the teacher learns while it teaches.
 
@@ -314,7 +338,8 @@ class TeacherUpdate:
     * ``needs_quiz``: True if the rule draws held-out quiz batches (``ctx.quiz``).
     * ``Config``: frozen dataclass of the rule's options.
 
-    The frozen rule is this base class unchanged.
+    ``cost_model`` declares the rule's FLOPs per step for ``kdbench bench`` (None: unknown). The
+    frozen rule is this base class plus its cost model.
     """
 
     name: ClassVar[str] = "frozen"
@@ -345,6 +370,13 @@ class TeacherUpdate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def cost_model(self, *, live_teacher: bool = True) -> StepCost | None:
+        """FLOP model of one whole training step under this rule and ``self.cfg``: the loop's
+        teacher forward and student step included, rule work amortised over the steps it skips.
+        ``live_teacher`` False: the loop takes teacher outputs from its cache (or the loss ignores
+        the teacher). None (the default): no model; ``kdbench bench`` prints "—"."""
+        return None
 
 
 def _no_progress(done: int, total: int, what: str) -> None:
@@ -410,6 +442,11 @@ class Method:
     version: str = "1"
     description: str = ""
     role: str = ""  # "" | "no-kd" | "reference"
+    #: labelled variants ``kdbench bench`` times instead of the plain method (row label = name +
+    #: " " + key); options: "teacher_update"/"loss" (overrides of the defaults), "cached_teacher"
+    #: (bool), "epoch"/"epochs" (the loss's ``begin_epoch`` arguments, for multi-stage losses),
+    #: "prepare" (False skips a one-off ``prepare``). Empty: one row with the defaults.
+    bench: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registrar
-from kdbench.types import Method, TeacherUpdate
+from kdbench.types import Method, StepCost, TeacherUpdate
 
 KD_PAPER = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531 (2015)"
 PKD_PAPER = ("Sun, Cheng, Gan, Liu. Patient Knowledge Distillation for BERT Model Compression. "
@@ -36,6 +36,10 @@ class Frozen(TeacherUpdate):
     name = "frozen"
     version = "1"
 
+    def cost_model(self, *, live_teacher: bool = True) -> StepCost:
+        """The loop's step only: teacher forward when live (F_T) + student fwd+bwd (3F_S)."""
+        return StepCost(1.0 if live_teacher else 0.0, 3.0)
+
 
 _PKD_LOSS = {"temperature": 10.0, "alpha": 0.7, "beta": 500.0, "normalize": True}
 
@@ -43,13 +47,15 @@ METHODS = (
     Method(name="kd", teacher_update="frozen", loss="kd",
            defaults={"loss": {"temperature": 5.0, "alpha": 0.5}}, paper=KD_PAPER, version="1",
            description="Hinton KD from a frozen fine-tuned teacher (canonical T²·KL batchmean).",
-           role="reference"),
+           bench={"(live teacher)": {}, "(cached teacher)": {"cached_teacher": True}}, role="reference"),
     Method(name="pkd-skip", teacher_update="frozen", loss="pkd",
            defaults={"loss": {**_PKD_LOSS, "layer_map": "skip"}}, paper=PKD_PAPER, version="1",
-           description="PKD-Skip: KD + patient [CLS] loss on every other teacher layer."),
+           description="PKD-Skip: KD + patient [CLS] loss on every other teacher layer.",
+           bench={"(live teacher)": {}}),
     Method(name="pkd-last", teacher_update="frozen", loss="pkd",
            defaults={"loss": {**_PKD_LOSS, "layer_map": "last"}}, paper=PKD_PAPER, version="1",
-           description="PKD-Last: KD + patient [CLS] loss on the last teacher layers."),
+           description="PKD-Last: KD + patient [CLS] loss on the last teacher layers.",
+           bench={"(live teacher)": {}}),
     Method(name="no-kd", teacher_update="frozen", loss="ce", defaults={}, paper="", version="1", role="no-kd",
            description="The student fine-tuned on hard labels only (no distillation)."),
 )

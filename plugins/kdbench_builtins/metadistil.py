@@ -60,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kdbench.errors import ConfigError, NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registrar
-from kdbench.types import Batch, KDModel, Method, ModelOutput, StepContext, TeacherUpdate
+from kdbench.types import Batch, KDModel, Method, ModelOutput, StepContext, StepCost, TeacherUpdate
 from kdbench_builtins.losses import hard_loss
 
 PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with Meta Learning. "
@@ -137,6 +137,14 @@ class MetaDistil(TeacherUpdate):
     Config = MetaDistilConfig
     changes_teacher = True
     needs_quiz = True
+
+    def cost_model(self, *, live_teacher: bool = True) -> StepCost:
+        """performance.md §2.3: the real step (F_T+3F_S) plus, every ``every`` steps, the pilot
+        step (F_T+3F_S), ``quiz_batches`` quiz passes (3F_S each), the teacher backward (2F_T) and
+        u = J_s·v (2F_S), or the double backward instead (≈4F_S, an estimate) for second_order."""
+        second = self.cfg.meta_grad == "second_order"
+        extra_s = (7.0 if second else 5.0) + 3.0 * self.cfg.quiz_batches
+        return StepCost(1 + 3.0 / self.cfg.every, 3 + extra_s / self.cfg.every, approx=second)
 
     def __init__(self, cfg: MetaDistilConfig) -> None:
         super().__init__(cfg)
@@ -358,10 +366,17 @@ class MetaDistil(TeacherUpdate):
             self._pending = None
 
 
+#: ``kdbench bench`` rows: each meta-gradient, the teacher updated every step
+_BENCH = {"second_order": {"teacher_update": {"meta_grad": "second_order", "every": 1}},
+          "first_order_exact": {"teacher_update": {"meta_grad": "first_order_exact", "every": 1}},
+          "first_order_exact (fd)": {"teacher_update": {"meta_grad": "first_order_exact", "every": 1,
+                                                        "jvp": "finite_difference"}}}
+
 METHODS = (
     Method(name="metadistil", teacher_update="metadistil", loss="kd",
            defaults={"loss": {"temperature": 5.0, "alpha": 0.5}}, paper=PAPER, version="1",
-           description="Teacher meta-learns from the student's quiz loss after a pilot KD step."),
+           description="Teacher meta-learns from the student's quiz loss after a pilot KD step.",
+           bench=_BENCH),
     Method(name="metadistil-pkd", teacher_update="metadistil", loss="pkd",
            defaults={"loss": {"temperature": 5.0, "alpha": 0.5, "beta": 100.0, "layer_map": "skip"}},
            paper=PAPER, version="1",

@@ -180,6 +180,10 @@ class MetaKD(TeacherUpdate):
     changes_teacher = True  # replaced in prepare: must be checkpointed, old caches are invalid
     needs_quiz = False
 
+    def cost_model(self, *, live_teacher: bool = True) -> kdbench.StepCost:
+        """Per step like KD (F_T+3F_S); the meta-teacher is trained once, in ``prepare``."""
+        return kdbench.StepCost(1.0, 3.0)
+
     def __init__(self, cfg: MetaKDConfig) -> None:
         super().__init__(cfg)
         _choice("teacher_update 'meta-kd'", "pooling", cfg.pooling, ("masked", "unmasked"))
@@ -501,6 +505,8 @@ def _methods() -> Iterator[Method]:
               "for Language Model Compression across Domains. ACL 2021",
         description="Meta-teacher trained across domains (prototype weights, corrupted domain "
                     "labels), then two-stage domain-expertise-weighted distillation.",
+        # the per-step cost of the second stage; prepare's one-off meta-teacher training is skipped
+        bench={"stage 2": {"epoch": 1, "epochs": 2, "prepare": False}},
     )
 
 

@@ -149,6 +149,11 @@ class Reptile(TeacherUpdate):
     changes_teacher = True
     needs_quiz = False
 
+    def cost_model(self, *, live_teacher: bool = True) -> kdbench.StepCost:
+        """One teacher forward (F_T), ``inner_steps`` fwd+bwd of the student copy (3F_S each),
+        then the real step (F_T+3F_S); the elementwise teacher update is not counted."""
+        return kdbench.StepCost(2.0, 3.0 * (self.cfg.inner_steps + 1))
+
     def __init__(self, cfg: ReptileConfig) -> None:
         super().__init__(cfg)
         for key, val, ok in (("mapping", cfg.mapping, MAPPINGS),

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kdbench.bench import overhead_phases, time_ls
+from kdbench.bench_overhead import overhead_phases, time_ls
 from kdbench.config import load_suite
 from kdbench.manager import Host, make_plugin_manager
 from kdbench.plan import expand
