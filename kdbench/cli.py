@@ -167,9 +167,12 @@ def env_debug() -> bool:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["run", *(argv or [])])
+    try:  # argparse exits (usage errors: 4, --help: 0); return the code instead
+        args = parser.parse_args(argv)
+        if args.command is None:
+            args = parser.parse_args(["run", *(argv or [])])
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else int(ExitCode.USAGE_ERROR)
     if args.command == "ls" and args.what != "suites":
         from kdbench import lscache
 

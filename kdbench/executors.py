@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kdbench.errors import KdbenchError
 from kdbench.hookspecs import hookimpl
 from kdbench.results import FINAL, provenance, read_result, result_path, write_result
 from kdbench.types import NoConfig
@@ -107,6 +108,8 @@ def execute_cell(spec: CellSpec, mctx: MatrixContext, host: Host | None = None) 
             result.update(status="diverged", reason=str(exc))
             result["extra"]["diverged_step"] = exc.step
             break
+        except KdbenchError:  # bad data or config: stop the run (exit 8/6), never fail cell by cell
+            raise
         except Exception as exc:
             if is_oom(exc) and len(retries) < spec.train.oom_retries:
                 micro = (attempt.train.micro_batch_size or attempt.train.batch_size) // 2

@@ -76,10 +76,15 @@ def kdbench_register_executors(register: Registrar[type[Any]]) -> None:
 
 @hookspec
 def kdbench_configure(suite: Suite) -> list[str] | None:
-    """Validate the merged configuration before planning.
+    """Validate the merged configuration before planning (cross-component rules; a single
+    component's options are better checked by its Config, see :mod:`kdbench.options`).
 
+    ``suite`` is a :class:`kdbench.config.Suite`: ``name``, ``path``, the selected ``methods``,
+    ``tasks``, ``students`` and ``seeds`` (after ``--methods`` etc.), ``teachers`` and
+    ``student_defs`` (the ``[teachers.*]``/``[students.*]`` tables), and the raw layers
+    ``file_raw`` (the suite file) and ``cli_raw`` (the ``key=value`` overrides) as nested dicts.
     Return a list of problems (strings; empty or None when fine). The host collects every
-    problem from every plugin and reports them together. Do not mutate ``suite``.
+    problem from every plugin and reports them together (exit 6). Do not mutate ``suite``.
     """
 
 

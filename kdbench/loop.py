@@ -389,7 +389,7 @@ class Loop:
     def run(self) -> LoopState:
         """Train from ``state`` to the end, evaluating after every epoch."""
         st, cfg = self.state, self.cfg
-        self.ctx.batch = None
+        self.ctx.batch, self.ctx.step, self.ctx.epoch = None, st.step, st.epoch  # resume point
         self.stash["resuming"] = self.pending_rule_state is not None
         progress = self.ctx.progress = Progress(self.desc or "train")
         self.log(st.step, {f"prepare/{k}": v for k, v in self.rule.prepare(self.ctx).items()})

@@ -157,13 +157,14 @@ def _plan_methods(suite: Suite, host: Host, problems: list[str]) -> list[str]:
 
 
 def _teacher_loss(host: Host, problems: list[str]) -> Any:
-    """The loss class teacher fine-tuning cells train with (``DistillLoss.for_teacher_training``)."""
-    found = [host.losses.get(n) for n in host.losses.names() if host.losses.get(n).for_teacher_training]
-    if len(found) != 1:
-        problems.append(f"exactly one registered loss must set for_teacher_training = True; found "
-                        f"{len(found)} ({', '.join(c.name for c in found) or 'none'})")
+    """The loss teacher fine-tuning cells train with: that of the method with ``role = "no-kd"``
+    (the teacher is fine-tuned exactly as the student-without-KD row is trained)."""
+    found = [host.methods.get(n) for n in host.methods.names() if host.methods.get(n).role == "no-kd"]
+    if len(found) != 1 or found[0].loss not in host.losses:
+        problems.append(f"exactly one registered method must have role 'no-kd' (its loss fine-tunes the "
+                        f"teachers); found {len(found)} ({', '.join(m.name for m in found) or 'none'})")
         return None
-    return found[0]
+    return host.losses.get(found[0].loss)
 
 
 def _teachers(suite: Suite, host: Host, problems: list[str]) -> dict[str, tuple[str, Any]]:

@@ -2,8 +2,8 @@
 
 * ``make_host(*plugins)`` — a fresh Host with the built-ins plus the given plugin modules (no
   entry-point autoload, so tests see exactly what they ask for).
-* ``run_tiny(host, method, task="toy/reviews", steps=20)`` — plan and run one tiny cell offline
-  and return its result dict.
+* ``run_tiny(host, method, task="toy/reviews", steps=20, overrides=None)`` — plan and run one tiny
+  cell offline (``overrides``: ``["teacher_update.NAME.key=value", ...]``) and return its result.
 """
 
 from __future__ import annotations
@@ -98,7 +98,14 @@ def make_host() -> Callable[..., Host]:
 
 @pytest.fixture
 def run_tiny(tmp_path: Path) -> Callable[..., dict[str, Any]]:
-    """Factory: ``run_tiny(host, method, task="toy/reviews", steps=20)``."""
+    """Factory: ``run_tiny(host, method, task="toy/reviews", steps=20, overrides=None)``.
+
+    Plans the tiny suite (a 2-layer tiny-BERT or a ResNet-8 teacher, one seed, ``steps`` optimizer
+    steps) for ``method`` on ``task`` and runs its teacher cell and method cell offline; returns
+    the method cell's result dict. ``overrides`` are the command line's ``key=value`` strings,
+    e.g. ``["teacher_update.anchored.mu=0.5", "train.epochs=2"]``; a bad one raises
+    :class:`kdbench.ConfigError` listing every problem, exactly as ``kdbench run`` would.
+    """
 
     def runner(host: Host, method: str, task: str = "toy/reviews", steps: int = 20,
                overrides: list[str] | None = None) -> dict[str, Any]:

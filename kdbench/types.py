@@ -251,8 +251,6 @@ class DistillLoss(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: False for a loss that ignores the teacher entirely (cross-entropy baseline)
     uses_teacher: ClassVar[bool] = True
-    #: True for the one loss that teacher fine-tuning cells train with (hard labels only)
-    for_teacher_training: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
         super().__init__()
@@ -318,7 +316,8 @@ class TeacherUpdate:
     * ``prepare(ctx)`` once per (re)start, after the teacher and student are built and before the
       first student step (``ctx.batch`` is None). Meta-KD trains its meta-teacher here. Raise
       :class:`kdbench.errors.NotApplicable` when the pair or task cannot be handled. When a cell
-      resumes from a checkpoint, ``ctx.stash["resuming"]`` is True, the teacher's weights are
+      resumes from a checkpoint, ``ctx.stash["resuming"]`` is True, ``ctx.step`` and ``ctx.epoch``
+      hold the step and epoch it resumes at (0 on a fresh start), the teacher's weights are
       already restored (for rules with ``changes_teacher``) and ``load_state_dict`` follows
       ``prepare``: skip expensive work whose result the checkpoint already holds. Work that
       other cells would repeat exactly can go through ``ctx.artifacts`` (when not None):
@@ -327,7 +326,9 @@ class TeacherUpdate:
       is about to train on. MetaDistil runs its pilot update and teacher meta-step here, Reptile
       its inner update and teacher step. The rule must leave the student's parameters,
       buffers and optimizer state as it found them (the runner then takes the real student step
-      with the updated teacher). Return metrics to log, e.g. ``{"teacher/grad_norm": ...}``.
+      with the updated teacher). Return metrics to log, e.g. ``{"teacher/grad_norm": ...}``:
+      the loop sums them on the device and logs their *mean over the window* of
+      ``train.log_every`` steps (one host sync per window), so log per-step quantities.
     * ``state_dict()`` / ``load_state_dict()`` persist the rule's own state (teacher optimizer,
       counters) in checkpoints, so a resumed cell continues exactly.
 
@@ -336,7 +337,10 @@ class TeacherUpdate:
     * ``changes_teacher``: True if the teacher's weights change; switches teacher-output caching
       off and makes the runner checkpoint the teacher.
     * ``needs_quiz``: True if the rule draws held-out quiz batches (``ctx.quiz``).
-    * ``Config``: frozen dataclass of the rule's options.
+    * ``Config``: frozen dataclass of the rule's options. Declare types (``Literal[...]`` for a
+      choice) and bounds (``kdbench.option(0.1, gt=0)``), and put any other rule in a
+      ``validate(self) -> list[str]`` method: the host checks all of it at plan time, before
+      anything trains, and reports every problem at once (:mod:`kdbench.options`).
 
     ``cost_model`` declares the rule's FLOPs per step for ``kdbench bench`` (None: unknown). The
     frozen rule is this base class plus its cost model.
@@ -429,7 +433,8 @@ class Method:
     override the components' own defaults (and are overridden by suite files and the CLI).
 
     ``role`` tells the host what the method is for, without the host knowing its name:
-    ``"no-kd"`` is the student-without-KD row that every suite with ``baselines = true`` plans;
+    ``"no-kd"`` is the student-without-KD row that every suite with ``baselines = true`` plans
+    (its loss also fine-tunes the teachers);
     ``"reference"`` is the method the paired tables compare every other method to (unless the
     suite sets ``compare_to``). At most one registered method may hold each role.
     """

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kdbench.config import as_dict, train_identity
+from kdbench.errors import KdbenchError
+from kdbench.options import as_dict, identity
 from kdbench.plan import config_hash
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def teacher_key(spec: CellSpec) -> str:
     a method cell and its teacher cell share it."""
     return config_hash({"teacher": [spec.teacher_kind, as_dict(spec.teacher_cfg)], "task": spec.task,
                         "task_options": as_dict(spec.task_cfg), "seed": spec.seed,
-                        "recipe": train_identity(spec.teacher_train)}, n=16)
+                        "recipe": identity(spec.teacher_train)}, n=16)
 
 
 def _exit_with_parent() -> None:
@@ -86,7 +87,10 @@ def worker_main(conn: Any, mctx: MatrixContext) -> None:
             return
         if message is None:
             return
-        conn.send(("result", execute_cell(pickle.loads(message), mctx, host)))
+        try:
+            conn.send(("result", execute_cell(pickle.loads(message), mctx, host)))
+        except KdbenchError as exc:  # bad data stops the run, in the parent, with its exit code
+            conn.send(("error", exc))
 
 
 @dataclass
@@ -181,6 +185,8 @@ class Pool:
                 continue
             w.spec = None
             self._finish(spec, teachers)
+            if message[0] == "error":
+                raise message[1]
             yield message[1]
             return
         if not w.process.is_alive():

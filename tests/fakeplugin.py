@@ -63,7 +63,6 @@ class FakeKD(kdbench.DistillLoss):
 class FakeCE(kdbench.DistillLoss):
     name = "ce"
     uses_teacher = False
-    for_teacher_training = True
 
 
 class TextOnly(kdbench.DistillLoss):

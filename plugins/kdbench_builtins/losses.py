@@ -98,7 +98,6 @@ class CrossEntropy(DistillLoss):
     version = "1"
     Config = NoConfig
     uses_teacher = False
-    for_teacher_training = True
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:  # type: ignore[override]
         """Args: student logits (B, C); teacher ignored; batch labels (B,). Returns {"ce"}."""
