@@ -51,7 +51,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs at which multistep multiplies lr by gamma
     gamma: float = 0.1  # multistep factor
     grad_clip: float = 1.0  # max grad norm; 0 = off
-    select: str = ""  # split that selects the best epoch: "" = the task's first eval split, or "quiz"
+    select: str = ""  # split that selects the best epoch: "" = "heldout" if the task carves one, else
+    # the task's first eval split; or "quiz" / "heldout" / an eval split (resolved at plan time)
     log_every: int = 50  # steps between kdbench_log_metrics calls
     max_steps: int = 0  # stop after this many steps (0 = no cap); for smoke tests
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -62,7 +63,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end of every epoch
     oom_retries: int = 1  # on OOM, halve the micro-batch (same effective batch) this often
     length_bucketing: int = 0  # text: sort by length within windows of this many batches; 0 = off
-    label_mean_bias: bool = False  # regression: start the output bias at the mean training label
+    label_mean_bias: bool = True  # regression: start the output bias at the mean training label
+    # (resolved to False at plan time for classification tasks, where it does nothing)
 
 
 #: TrainConfig fields that change how a cell executes, not what it specifies: left out of run ids
@@ -72,10 +74,13 @@ EXECUTION_ONLY = frozenset({"device", "threads", "log_every", "checkpoint_every"
                             "micro_batch_size"})
 
 
-#: fields added after the first published results (train: length_bucketing, label_mean_bias;
-#: pick-layers student: pooling): left out of run ids while at their default, so results computed
-#: before they existed keep their ids
-_LATER_FIELDS: dict[str, Any] = {"length_bucketing": 0, "label_mean_bias": False, "pooling": "cls"}
+#: fields added after the first published results, left out of run ids (and teacher-cache keys)
+#: while at the value that reproduces the behaviour before they existed, so those results keep
+#: their ids: train length_bucketing; train label_mean_bias (default True since, but resolved per
+#: task at plan time: False for classification, where it has no effect, so only regression ids
+#: change); task heldout_fraction. (The pick-layers/hf ``pooling``, default "auto", is always in ids.)
+_LATER_FIELDS: dict[str, Any] = {"length_bucketing": 0, "label_mean_bias": False,
+                                 "heldout_fraction": 0.0}
 _UNSET = object()
 
 
@@ -87,6 +92,24 @@ def drop_later_defaults(options: dict[str, Any]) -> dict[str, Any]:
 def train_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that determine a result."""
     return drop_later_defaults({k: v for k, v in as_dict(cfg).items() if k not in EXECUTION_ONLY})
+
+
+def train_for_task(cfg: TrainConfig, task_cls: Any, task_cfg: Any, where: str,
+                   problems: list[str]) -> TrainConfig:
+    """``cfg`` resolved for one task: ``label_mean_bias`` only where it acts (regression), and
+    ``select = ""`` made "heldout" when the task carves a held-out split (else "" = the first
+    eval split, kept as is so run ids do not change).
+    An unknown or absent selection split is appended to ``problems``."""
+    heldout = float(getattr(task_cfg, "heldout_fraction", 0.0) or 0.0) > 0
+    quiz = float(getattr(task_cfg, "quiz_fraction", 0.0) or 0.0) > 0
+    allowed = [*task_cls.eval_splits, *(["quiz"] if quiz else []), *(["heldout"] if heldout else [])]
+    if cfg.select and cfg.select not in allowed:
+        problems.append(f"[{where}] select={cfg.select!r}: task {task_cls.name!r} has no such split; use "
+                        f"one of {', '.join(allowed)}{suggest(cfg.select, allowed)} (\"heldout\" needs "
+                        "the task option heldout_fraction > 0, \"quiz\" quiz_fraction > 0)")
+    select = cfg.select or ("heldout" if heldout else "")  # "" stays "" (the first eval split): same ids
+    return dataclasses.replace(cfg, select=select,
+                               label_mean_bias=cfg.label_mean_bias and task_cls.num_labels == 1)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from kdbench.config import (
     drop_later_defaults,
     section,
     task_section,
+    train_for_task,
     train_identity,
 )
 from kdbench.errors import ConfigError
@@ -92,6 +93,7 @@ def make_run_id(spec: CellSpec) -> str:
     student = spec.student or spec.teacher
     resolved = spec.resolved()
     ident = {**resolved, "student_model": drop_later_defaults(resolved["student_model"]),
+             "task_options": drop_later_defaults(resolved["task_options"]),
              "train": train_identity(spec.train), "teacher_train": train_identity(spec.teacher_train)}
     return f"{spec.method}__{spec.task.replace('/', '-')}__{student}__s{spec.seed}__{config_hash(ident)}"
 
@@ -194,10 +196,9 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
         teacher_train = _train_config(suite, "teacher_train", {}, method_name, []) if any(
             section(raw, "method", method_name, "teacher_train") for raw in suite.layers()) else generic_teacher_train
         for task_name, task_cls in tasks.items():
-            for key, tcfg_ in (("train", train), ("teacher_train", teacher_train)):
-                if tcfg_.select and tcfg_.select not in (*task_cls.eval_splits, "quiz"):
-                    problems.append(f"[{key}] select={tcfg_.select!r}: task {task_name!r} has no such split; "
-                                    f"use one of {', '.join((*task_cls.eval_splits, 'quiz'))}")
+            t_train = train_for_task(train, task_cls, task_cfgs[task_name], "train", problems)
+            t_teacher_train = train_for_task(teacher_train, task_cls, task_cfgs[task_name],
+                                             "teacher_train", problems)
             task = task_cls(task_cfgs[task_name])
             reason = loss_cls.check(task) or rule_cls.check(task) or ""
             if not reason and rule_cls.needs_quiz and not getattr(task_cfgs[task_name], "quiz_fraction", 0):
@@ -211,15 +212,17 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
                                 "loss": loss_cls.version, "teacher_update": rule_cls.version}
                     spec = CellSpec(suite.name, method_name, task_name, sname, seed, tname, tkind,
                                     tcfg, skind, scfg, method.loss, loss_cfg, method.teacher_update,
-                                    rule_cfg, task_cfgs[task_name], train, teacher_train, versions,
-                                    reason)
+                                    rule_cfg, task_cfgs[task_name], t_train, t_teacher_train,
+                                    versions, reason)
                     cells.append(_with_id(spec))
                     key = (task_name, tname, seed)
                     if key not in teacher_cells and ce_loss:
+                        t_generic = train_for_task(generic_teacher_train, task_cls, task_cfgs[task_name],
+                                                   "teacher_train", problems)
                         tspec = CellSpec(suite.name, TEACHER, task_name, "", seed, tname, tkind, tcfg,
                                          "", None, ce_loss, host.losses.get(ce_loss).Config(),
-                                         "frozen", None, task_cfgs[task_name], generic_teacher_train,
-                                         generic_teacher_train, {"task": task_cls.version})
+                                         "frozen", None, task_cfgs[task_name], t_generic, t_generic,
+                                         {"task": task_cls.version})
                         teacher_cells[key] = _with_id(tspec)
     if problems:
         raise ConfigError(_dedupe(problems))

@@ -66,6 +66,7 @@ class AmazonConfig:
     max_seq_length: int = 128
     max_train_examples: int = 0
     quiz_fraction: float = 0.1
+    heldout_fraction: float = 0.0  # stratified share of train held out to select the best epoch (0 = none)
     data_seed: int = 42
 
 

@@ -131,6 +131,7 @@ class Cifar100Config:
     data_dir: str = ""  # folder holding cifar-100-python/ (or that folder itself)
     max_train_examples: int = 0
     quiz_fraction: float = 0.1
+    heldout_fraction: float = 0.0  # stratified share of train held out to select the best epoch (0 = none)
     data_seed: int = 42
 
 

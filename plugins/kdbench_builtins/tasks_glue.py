@@ -44,6 +44,7 @@ class GlueConfig:
     max_seq_length: int = 128
     max_train_examples: int = 0  # 0 = all; else a seeded stratified subsample
     quiz_fraction: float = 0.1
+    heldout_fraction: float = 0.0  # stratified share of train held out to select the best epoch (0 = none)
     data_seed: int = 42
     skip_malformed: bool = False  # skip (and count) malformed rows instead of failing
 
