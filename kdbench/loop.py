@@ -276,7 +276,7 @@ class Loop:
         self.autocast = autocast_factory(self.device, self.cfg.precision)
         self.train_split = self.data.splits["train"]
         self.steps_per_epoch = self.train_split.num_batches(self.cfg.batch_size)
-        self.epochs = int(getattr(self.loss, "num_epochs", lambda n: n)(self.cfg.epochs))
+        self.epochs = int(self.loss.num_epochs(self.cfg.epochs))  # train.epochs, or a staged loss's budget
         self.total_steps = self.steps_per_epoch * self.epochs
         if self.cfg.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)

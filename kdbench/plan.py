@@ -206,6 +206,9 @@ def expand(suite: Suite, host: Host) -> list[CellSpec]:
             for sname, (tname, skind, scfg, modality) in students.items():
                 if modality != task_cls.modality:
                     continue
+                student_problem = getattr(rule_cls, "check_student", lambda *a: None)(rule_cfg, skind, scfg)
+                if student_problem:
+                    problems.append(f"method {method_name!r}, [students.{sname}]: {student_problem}")
                 tkind, tcfg = teachers[tname]
                 for seed in suite.seeds:
                     versions = {"method": method.version, "task": task_cls.version,
