@@ -94,12 +94,12 @@ def test_trivial_baseline_majority_and_mean() -> None:
     task = _Task(3)
     data = _Data({"train": _Split(torch.tensor([2, 2, 1, 0, 2])), "dev": _Split(torch.tensor([2, 1, 2, 2])),
                   "test": _Split(torch.full((3,), -1))})
-    assert trivial_baseline(task, data) == {"dev/accuracy": 0.75}  # unlabelled test is left out
+    assert trivial_baseline(task, data) == {"dev/accuracy": 0.75}  # type: ignore[arg-type]  # test left out (unlabelled)
     assert torch.equal(task.seen[0], torch.tensor([2, 2, 2, 2]))
     reg = _Task(1)
     data = _Data({"train": _Split(torch.tensor([1.0, 3.0])), "dev": _Split(torch.tensor([2.0, 4.0])),
                   "test": _Split(torch.tensor([2.0]))})
-    assert trivial_baseline(reg, data) == {"dev/mse": 2.0, "test/mse": 0.0}
+    assert trivial_baseline(reg, data) == {"dev/mse": 2.0, "test/mse": 0.0}  # type: ignore[arg-type]
 
 
 class _Interrupt(BaseException):

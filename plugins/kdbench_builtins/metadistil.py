@@ -173,7 +173,8 @@ class MetaDistil(TeacherUpdate):
         if c.quiz_batches == 0 and quiz_split is None:
             raise ConfigError("teacher_update 'metadistil' quiz_batches = 0 (the whole quiz split) needs a "
                               "quiz split in the task data")
-        self.n_quiz = c.quiz_batches or quiz_split.num_batches(min(size, len(quiz_split)))  # type: ignore[union-attr]
+        if c.quiz_batches == 0 and quiz_split is not None:
+            self.n_quiz = quiz_split.num_batches(min(size, len(quiz_split)))
         ctx.teacher.requires_grad_(True)
         params = list(ctx.teacher.parameters())
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": c.teacher_weight_decay},

@@ -89,7 +89,7 @@ def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
 
 def _architecture(model: KDModel) -> str:
     """What besides the weights shapes training: module tree (dropout rates) and HF config."""
-    config = getattr(getattr(model, "model", None), "config", None)
+    config: Any = getattr(getattr(model, "model", None), "config", None)
     if not hasattr(config, "to_json_string"):
         return repr(model)
     return repr(model) + config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
