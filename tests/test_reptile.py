@@ -272,8 +272,9 @@ def test_registers_rule_and_method() -> None:
 def test_reptile_distil_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
     result = run_tiny(make_host(), "reptile-distil", steps=6)
     assert result["status"] == "ok", result.get("reason")
-    assert result["config"]["teacher_update"]["mapping"] == "picked"
+    assert result["config"]["teacher_update"]["mapping"] == "auto"
     last = result["extra"]["last_metrics"]
+    assert last["prepare/teacher/layer_map_picked"] == 1.0  # "auto" on a pick-layers student
     assert last["prepare/teacher/layer_map/s0/0"] == 1.0  # the tiny suite's student: pick = "last" of 2
     assert result["extra"]["last_metrics"].get("teacher/pseudo_grad_norm", 0.0) > 0
     assert result["extra"]["last_metrics"]["prepare/teacher/mapped_tensors"] > 0
@@ -282,6 +283,8 @@ def test_reptile_distil_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
 def test_picked_map_pairs_each_layer_with_its_source() -> None:
     assert reptile.layer_map("picked", 3, 6, (0, 1, 2)) == {0: (0,), 1: (1,), 2: (2,)}
     assert reptile.layer_map("picked", 2, 6, [2, 5]) == reptile.layer_map("skip", 2, 6)
+    assert reptile.layer_map("auto", 2, 6, (0, 1)) == {0: (0,), 1: (1,)}
+    assert reptile.layer_map("auto", 2, 6) == reptile.layer_map("skip", 2, 6)  # whole students
     with pytest.raises(ConfigError, match='mapping = "picked" needs a student'):
         reptile.layer_map("picked", 2, 4)
     with pytest.raises(NotApplicable, match="do not fit"):
@@ -311,5 +314,5 @@ def test_picked_map_is_rejected_at_plan_time_for_whole_students(tmp_path: Any, m
                                     'kind = "model"\nmodel = "tiny-bert"\noptions = { layers = 1, hidden = 32 }')
     path.write_text(text)
     with pytest.raises(ConfigError, match='mapping = "picked" needs a pick-layers student'):
-        expand(load_suite(str(path)), host)
-    assert expand(load_suite(str(path), ["teacher_update.reptile.mapping=skip"]), host)
+        expand(load_suite(str(path), ["teacher_update.reptile.mapping=picked"]), host)
+    assert expand(load_suite(str(path)), host)  # "auto": the reference's skip map

@@ -35,9 +35,9 @@ class ReptileConfig:
     teacher_weight_decay: float = 0.0  # teacher AdamW weight decay (bias/LayerNorm excluded)
     teacher_warmup: float = 0.0  # warmup fraction of the teacher's linear schedule
     max_grad_norm: float = 1.0  # clip of the teacher pseudo-gradient; 0 disables
-    # student layer i -> teacher layer(s): "picked" (the layer it was copied from; pick-layers
-    # students) | "first" | "last" | "skip" (the reference's fixed map) | "both"
-    mapping: str = "picked"
+    # student layer i -> teacher layer(s): "auto" ("picked" for pick-layers students, else "skip") |
+    # "picked" (the layer it was copied from) | "first" | "last" | "skip" (the reference's) | "both"
+    mapping: str = "auto"
     inner_steps: int = 1  # inner updates of the student copy per batch
     inner_optimizer: str = "fresh_adamw"  # "fresh_adamw" (lr = train.lr, zero moments) | "sgd"
     inner_lr: float = 5e-5  # step size of the "sgd" inner optimizer
@@ -149,11 +149,12 @@ class Reptile(TeacherUpdate):
         if self._pending is not None:
             self.load_state_dict(self._pending)
         n_mapped = len(self._t_names)
+        picked = getattr(ctx.student, "picked_layers", None)
         return {"teacher/mapped_tensors": float(n_mapped),
+                "teacher/layer_map_picked": float(cfg.mapping == "picked" or (cfg.mapping == "auto" and picked is not None)),
                 "teacher/unmapped_tensors": float(len(t_params) - n_mapped),
                 **{f"teacher/layer_map/s{i}/{k}": float(j) for i, js in
-                   layer_map(cfg.mapping, _depth(ctx.student), _depth(ctx.teacher),
-                             getattr(ctx.student, "picked_layers", None)).items()
+                   layer_map(cfg.mapping, _depth(ctx.student), _depth(ctx.teacher), picked).items()
                    for k, j in enumerate(js)}}
 
     def _inner_grads(self, ctx: StepContext, parts: list[tuple[Batch, ModelOutput, float]]) -> list[Tensor]:
@@ -265,7 +266,7 @@ def _iter_methods() -> Iterator[Method]:
     yield Method(
         name="reptile-distil", teacher_update="reptile", loss="kd",
         defaults={"loss": {"alpha": 0.5, "temperature": 5.0},
-                  "teacher_update": {"mapping": "picked", "teacher_lr": 5e-5}},
+                  "teacher_update": {"mapping": "auto", "teacher_lr": 5e-5}},
         paper="Ma, Wang, Yu, Zhang. Knowledge Distillation with Reptile Meta-Learning for "
               "Pretrained Language Model Compression. COLING 2022",
         description="Teacher moves toward a one-step KD-updated student copy (first-order).",

@@ -14,8 +14,9 @@ from torch import nn
 from kdbench import ConfigError, NotApplicable
 
 #: "picked" pairs student layer i with the teacher layer it was copied from (``picked_layers`` of a
-#: pick-layers student); the others are fixed maps by depth ("skip" is the reference's)
-MAPPINGS = ("picked", "first", "last", "skip", "both")
+#: pick-layers student); "auto" is "picked" for such students and "skip" (the reference's fixed
+#: map) for students built whole; the others are fixed maps by depth
+MAPPINGS = ("auto", "picked", "first", "last", "skip", "both")
 
 
 def _layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList] | None:
@@ -41,6 +42,8 @@ def layer_map(strategy: str, n_student: int, n_teacher: int,
                           f"got {strategy!r}")
     if n_student > n_teacher:
         raise NotApplicable(f"reptile: student has {n_student} layers, teacher only {n_teacher}")
+    if strategy == "auto":
+        strategy = "skip" if picked is None else "picked"
     if strategy == "picked":
         if picked is None:
             raise ConfigError("teacher_update 'reptile' mapping = \"picked\" needs a student that "
