@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kdbench.config import as_dict, train_identity
+from kdbench.options import as_dict, identity
 from kdbench.plan import config_hash
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ def teacher_key(spec: CellSpec) -> str:
     """What a cell's fine-tuned teacher depends on (the spec-level part of the teacher cache key):
     a method cell and its teacher cell share it."""
     return config_hash({"teacher": [spec.teacher_kind, as_dict(spec.teacher_cfg)], "task": spec.task,
-                        "task_options": as_dict(spec.task_cfg), "seed": spec.seed,
-                        "recipe": train_identity(spec.teacher_train)}, n=16)
+                        "task_options": identity(spec.task_cfg), "seed": spec.seed,
+                        "recipe": identity(spec.teacher_train)}, n=16)
 
 
 def _exit_with_parent() -> None:
