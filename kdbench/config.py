@@ -32,6 +32,7 @@ from typing import Any, Literal
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.options import as_dict, coerce, identity, option, type_problem, validate_config
 from kdbench.registry import suggest
+from kdbench.taskopts import data_options
 
 __all__ = ["Suite", "TrainConfig", "as_dict", "build_config", "identity", "load_suite"]
 
@@ -59,7 +60,9 @@ class TrainConfig:
     milestones: tuple[int, ...] = option((), ge=1)  # epochs at which multistep multiplies lr by gamma
     gamma: float = option(0.1, gt=0)  # multistep factor
     grad_clip: float = option(1.0, ge=0)  # max grad norm; 0 = off
-    select: str = ""  # split that selects the best epoch: "" = the task's first eval split, or "quiz"
+    #: split that selects the best epoch: "" = "heldout" if the task carves one, else the task's
+    #: first eval split; or "quiz" / "heldout" / an eval split (resolved at plan time)
+    select: str = ""
     log_every: int = option(50, ge=1, execution_only=True)  # steps between kdbench_log_metrics calls
     max_steps: int = option(0, ge=0)  # stop after this many steps (0 = no cap); for smoke tests
     device: str = option("auto", execution_only=True)  # auto | cpu | cuda | cuda:N
@@ -75,8 +78,10 @@ class TrainConfig:
     oom_retries: int = option(1, ge=0, execution_only=True)
     #: text: sort by length within windows of this many batches; 0 = off (added after v1 results)
     length_bucketing: int = option(0, ge=0, id_default=0)
-    #: regression: start the output bias at the mean training label (added after v1 results)
-    label_mean_bias: bool = option(False, id_default=False)
+    #: regression: start the output bias at the mean training label (added after v1 results; the
+    #: planner resolves it to False for classification, where it does nothing, so only regression
+    #: ids change)
+    label_mean_bias: bool = option(True, id_default=False)
 
     def validate(self) -> list[str]:
         """Device names and the milestone order."""
@@ -86,6 +91,24 @@ class TrainConfig:
         if list(self.milestones) != sorted(set(self.milestones)):
             problems.append(f"milestones = {list(self.milestones)} must be increasing epochs")
         return problems
+
+
+def train_for_task(cfg: TrainConfig, task_cls: Any, task_cfg: Any, where: str,
+                   problems: list[str]) -> TrainConfig:
+    """``cfg`` resolved for one task: ``label_mean_bias`` only where it acts (regression), and
+    ``select = ""`` made "heldout" when the task carves a held-out split (else "" = the first
+    eval split, kept as is so run ids do not change).
+    An unknown or absent selection split is appended to ``problems``."""
+    opts = data_options(task_cfg, text=task_cls.modality == "text", task=task_cls.name)
+    heldout, quiz = opts.heldout_fraction > 0, opts.quiz_fraction > 0
+    allowed = [*task_cls.eval_splits, *(["quiz"] if quiz else []), *(["heldout"] if heldout else [])]
+    if cfg.select and cfg.select not in allowed:
+        problems.append(f"[{where}] select = {cfg.select!r}: task {task_cls.name!r} has no such split; use "
+                        f"one of {', '.join(allowed)}{suggest(cfg.select, allowed)} (\"heldout\" needs "
+                        "the task option heldout_fraction > 0, \"quiz\" quiz_fraction > 0)")
+    select = cfg.select or ("heldout" if heldout else "")  # "" stays "" (the first eval split): same ids
+    return dataclasses.replace(cfg, select=select,
+                               label_mean_bias=cfg.label_mean_bias and task_cls.num_labels == 1)
 
 
 @dataclass

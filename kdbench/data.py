@@ -365,6 +365,33 @@ def carve(labels: np.ndarray, task: Task, max_train: int, quiz_fraction: float, 
     return train_rows, quiz_rows
 
 
+def _length_stats(mask: Tensor, max_len: int) -> dict[str, float]:
+    """Real token counts of a split: mean, max and how many hit ``max_len`` (truncated)."""
+    n_tok = mask.sum(1).double()
+    return {"mean": round(float(n_tok.mean()), 2), "max": int(n_tok.max()),
+            "truncated": int((n_tok == max_len).sum())}
+
+
+def carve_heldout(split: TensorSplit, task: Task, fraction: float, seed: int,
+                  ) -> tuple[TensorSplit, TensorSplit | None]:
+    """(train, heldout): a stratified ``fraction`` of ``split`` moved to a "heldout" split that
+    selects the best epoch (so dev stays a report-only split). Seeded by the cell ``seed`` only:
+    every method of a task and seed holds out (and never trains on) the same rows."""
+    if not 0 <= fraction < 0.5:
+        raise DataError(f"task {task.name!r}: heldout_fraction={fraction} must be in [0, 0.5); set "
+                        f"task.{task.name}.heldout_fraction")
+    if fraction == 0:
+        return split, None
+    labels = split.tensors["labels"].cpu().numpy()
+    k = max(1, round(fraction * len(labels)))
+    if k >= len(labels):
+        raise DataError(f"task {task.name!r}: heldout_fraction={fraction} leaves no training examples")
+    rows = stratified_choice(strata_of(labels, task.is_regression), k, np.random.default_rng([seed, 2]))
+    keep = np.setdiff1d(np.arange(len(labels)), rows)
+    return (split.subset(torch.from_numpy(keep), "train"),
+            split.subset(torch.from_numpy(rows.astype(np.int64)), "heldout"))
+
+
 def _meta_rows(raw: dict[str, Any], column: Any, task: Task, quiz_rows: np.ndarray, max_train: int,
                quiz_fraction: float, seed: int) -> np.ndarray:
     """Rows of the raw "meta_train" kept for training: all but every domain's quiz rows.
@@ -395,16 +422,16 @@ def check_files(task: Task) -> dict[str, int]:
     ``kdbench run`` calls it once per planned task before training, ``kdbench validate --data``
     on request.
     """
-    cfg = task.cfg
+    opts = data_options(task.cfg, text=task.modality == "text", task=task.name)
     raw = task.load()
     _validate(task, raw, dict(getattr(task, "load_info", {}) or {}))
     labels = np.asarray(_arrow(raw["train"]).column("label").to_numpy(), dtype=np.float64)
-    carve(labels, task, int(getattr(cfg, "max_train_examples", 0)), float(getattr(cfg, "quiz_fraction", 0.1)),
-          int(getattr(cfg, "data_seed", 42)))
+    carve(labels, task, opts.max_train_examples, opts.quiz_fraction, opts.data_seed)
     return {name: len(ds) for name, ds in raw.items()}
 
 
-def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = None) -> TaskData:
+def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = None,
+                 seed: int = 0) -> TaskData:
     """Load, validate, carve and tensorise a task's splits.
 
     Steps: ``task.load()`` -> validation (empty splits, missing columns, labels outside the label
@@ -412,8 +439,10 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
     ``max_train_examples`` subsample -> seeded stratified ``quiz_fraction`` of train moved to a
     "quiz" split (for every method, so all methods train on the same rows) -> tokenisation (text;
     cached as safetensors under ``cache_dir``; a corrupt cache file is rebuilt) or uint8 pixels
-    (vision). Multi-domain tasks get a "meta_train" split: the task's own minus every domain's
-    quiz rows (:func:`_meta_rows`), else the train split itself.
+    (vision) -> optional ``heldout_fraction`` of train moved to a "heldout" selection split
+    (:func:`carve_heldout`, seeded by the cell ``seed``). Multi-domain tasks get a "meta_train"
+    split: the task's own minus every domain's quiz rows (:func:`_meta_rows`), else the train split
+    itself (held-out rows removed).
 
     Args:
         task: the task instance; its ``cfg`` extends :class:`kdbench.taskopts.DataOptions`
@@ -421,13 +450,15 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
             ``load()``: source, files read and rows per split; it is copied into ``info``.
         tokenizer: a fast HF tokenizer for text tasks (ignored for vision).
         cache_dir: where token tensors are cached; None disables caching.
+        seed: the cell seed (only the held-out carve uses it).
     """
     cfg = task.cfg
     opts = data_options(cfg, text=task.modality == "text", task=task.name)
     max_len = opts.max_seq_length if isinstance(opts, TextDataOptions) else 0  # 0: vision, no tokens
     max_train = opts.max_train_examples
     quiz_fraction = opts.quiz_fraction
-    seed = opts.data_seed
+    seed_data = opts.data_seed
+    heldout_fraction = opts.heldout_fraction
     raw = task.load()
     load_info = dict(getattr(task, "load_info", {}) or {})
     _validate(task, raw, load_info)
@@ -437,13 +468,13 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
         _hash_split(h, name, raw[name])
     raw_fp = h.hexdigest()
     choices = {"max_seq_length": max_len, "max_train_examples": max_train,
-               "quiz_fraction": quiz_fraction, "data_seed": seed}
+               "quiz_fraction": quiz_fraction, "data_seed": seed_data}
     fingerprint = hashlib.sha256(f"{raw_fp}\x00{json.dumps(choices, sort_keys=True)}".encode()).hexdigest()
 
     def column(split: str, col: str) -> np.ndarray:
         return np.array(_arrow(raw[split]).column(col).to_numpy(), copy=True)
 
-    train_rows, quiz_rows = carve(column("train", "label"), task, max_train, quiz_fraction, seed)
+    train_rows, quiz_rows = carve(column("train", "label"), task, max_train, quiz_fraction, seed_data)
     plan: dict[str, tuple[str, np.ndarray]] = {"train": ("train", train_rows)}
     if len(quiz_rows):
         plan["quiz"] = ("train", quiz_rows)
@@ -452,7 +483,7 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
             plan[name] = (name, np.arange(len(raw[name])))
     if "meta_train" in raw and len(quiz_rows):
         plan["meta_train"] = ("meta_train", _meta_rows(raw, column, task, quiz_rows, max_train,
-                                                       quiz_fraction, seed))
+                                                       quiz_fraction, seed_data))
 
     toks: dict[str, dict[str, Tensor]] = {}
     cache_state = "off"
@@ -489,9 +520,13 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
         keys = tuple(k for k in TEXT_KEYS if k in tensors) if task.modality == "text" else ("pixel_values",)
         splits[name] = TensorSplit(name, tensors, keys)
         if "attention_mask" in tensors:
-            n_tok = tensors["attention_mask"].sum(1).double()
-            lengths[name] = {"mean": round(float(n_tok.mean()), 2), "max": int(n_tok.max()),
-                             "truncated": int((n_tok == max_len).sum())}
+            lengths[name] = _length_stats(tensors["attention_mask"], max_len)
+    splits["train"], heldout = carve_heldout(splits["train"], task, heldout_fraction, seed)
+    if heldout is not None:
+        splits["heldout"] = heldout
+        for name in ("train", "heldout") if "attention_mask" in heldout.tensors else ():
+            lengths[name] = _length_stats(splits[name].tensors["attention_mask"], max_len)
+        fingerprint = hashlib.sha256(f"{fingerprint}\x00heldout:{heldout_fraction}:{seed}".encode()).hexdigest()
     if task.domains and "meta_train" not in splits:
         splits["meta_train"] = dataclasses.replace(splits["train"], name="meta_train")
 
@@ -504,6 +539,9 @@ def prepare_data(task: Task, *, tokenizer: Any | None, cache_dir: Path | None = 
         "rows": {s: len(v) for s, v in splits.items()}, **choices,
         "quiz": {"from": "train", "rows": len(quiz_rows), "stratified": True,
                  "removed_from_train_for_all_methods": True},
+        "heldout": {"from": "train", "rows": len(heldout) if heldout is not None else 0,
+                    "fraction": heldout_fraction, "seed": seed, "stratified": True,
+                    "removed_from_train_for_all_methods": True},
         "tokenizer": (str(getattr(tokenizer, "name_or_path", "")) or None) if task.modality == "text" else None,
         "token_lengths": lengths, "token_cache": cache_state,
         "raw_fingerprint": raw_fp, "fingerprint": fingerprint,

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from kdbench.config import TrainConfig
 from kdbench.data import TaskData, TensorSplit
+from kdbench.diagnostics import TeacherProbe
 from kdbench.errors import ConfigError
 from kdbench.types import (
     Batch,
@@ -230,17 +231,23 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 
 @torch.no_grad()
-def predict(model: KDModel, task: Task, split: TensorSplit, batch_size: int, device: torch.device,
-            autocast: Callable[[], Any]) -> Tensor:
-    """Class ids (N,) or regression values (N,) for a whole split, in split order."""
+def split_logits(model: KDModel, task: Task, split: TensorSplit, batch_size: int, device: torch.device,
+                 autocast: Callable[[], Any]) -> Tensor:
+    """fp32 logits (N, C) of ``model`` (eval mode) for a whole split, in split order, on the CPU."""
     model.eval()
     out = []
     for batch in split.batches(batch_size):
         batch = transform(task, batch, train=False, gen=None, device=device)
         with autocast():
-            logits = model(batch.inputs).logits.float()  # (B, C)
-        out.append(logits[:, 0] if task.is_regression else logits.argmax(-1))
+            out.append(model(batch.inputs).logits.float())  # (B, C)
     return torch.cat(out).cpu()
+
+
+def predict(model: KDModel, task: Task, split: TensorSplit, batch_size: int, device: torch.device,
+            autocast: Callable[[], Any]) -> Tensor:
+    """Class ids (N,) or regression values (N,) for a whole split, in split order."""
+    logits = split_logits(model, task, split, batch_size, device, autocast)
+    return logits[:, 0] if task.is_regression else logits.argmax(-1)
 
 
 def evaluate(model: KDModel, task: Task, data: TaskData, cfg: TrainConfig, device: torch.device,
@@ -313,12 +320,14 @@ class Loop:
     keep_best: bool = False  # keep a copy of the student's weights at the best epoch (teachers)
     desc: str = ""  # progress-bar label (a bar is shown when stderr is a terminal)
     best_weights: dict[str, Tensor] | None = None
+    probe: TeacherProbe | None = None  # the live teacher against its start (set in __post_init__)
 
     def __post_init__(self) -> None:
         self.autocast = autocast_factory(self.device, self.cfg.precision)
         self.train_split = self.data.splits["train"]
         self.steps_per_epoch = self.train_split.num_batches(self.cfg.batch_size)
-        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.epochs = int(self.loss.num_epochs(self.cfg.epochs))  # train.epochs, or a staged loss's budget
+        self.total_steps = self.steps_per_epoch * self.epochs
         if self.cfg.max_steps:
             self.total_steps = min(self.total_steps, self.cfg.max_steps)
         if self.cfg.label_mean_bias and self.task.is_regression:  # a resumed cell restores its weights later
@@ -327,7 +336,7 @@ class Loop:
             (f"loss.{n}", p) for n, p in self.loss.named_parameters()]
         self.opt = make_optimizer([p for _, p in named], named, self.cfg, self.device)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]  # clipped every step
-        self.stages = tuple(self.loss.stages(self.cfg.epochs))
+        self.stages = tuple(self.loss.stages(self.epochs))
         self.sched = make_scheduler(self.opt, self.cfg, self.steps_per_epoch, self.total_steps, self.stages)
         self.aug_gen = generator(seed_for(self.seed, "augment"), self.device)
         self.rule_gen = generator(seed_for(self.seed, "rule"), self.device)
@@ -342,6 +351,10 @@ class Loop:
             total_steps=self.total_steps, want=frozenset(want), autocast=self.autocast,
             stash=self.stash, artifacts=self.artifacts)
         self.tcache: dict[str, Tensor] | None = None
+        # the starting teacher: captured here, before a resumed cell loads its checkpointed teacher
+        if self.teacher is not None:
+            self.probe = TeacherProbe(self.teacher, self.task, self.data, self.cfg.eval_batch_size,
+                                      self.device, self.autocast)
 
     # -- the step ------------------------------------------------------------------------------
     def teacher_out(self, batch: Batch) -> ModelOutput | None:
@@ -402,8 +415,8 @@ class Loop:
         acc: dict[str, Tensor] = {}
         nacc = 0
         progress(st.step, self.total_steps)
-        while st.epoch < cfg.epochs and not self._capped():
-            self.loss.begin_epoch(st.epoch, cfg.epochs)
+        while st.epoch < self.epochs and not self._capped():
+            self.loss.begin_epoch(st.epoch, self.epochs)
             if st.epoch in self.stages and st.batch_in_epoch == 0:
                 self.opt.state.clear()  # a new stage starts with fresh AdamW moments (idempotent on resume)
             gen = generator(seed_for(self.seed, "order", st.epoch))
@@ -435,8 +448,9 @@ class Loop:
                 acc, nacc = {}, 0
             st.train_seconds += time.perf_counter() - t0
             scores = evaluate(self.student, self.task, self.data, cfg, self.device, self.autocast)
-            st.history.append({"epoch": float(st.epoch), **scores})
-            self.log(st.step, {f"eval/{k}": v for k, v in scores.items()})
+            teacher_now = self.probe.measure(self.teacher) if self.probe and self.teacher else {}
+            st.history.append({"epoch": float(st.epoch), **scores, **teacher_now})
+            self.log(st.step, {f"eval/{k}": v for k, v in {**scores, **teacher_now}.items()})
             key = self.selection_key()
             if st.best_epoch < 0 or self._better(scores[key], st.best[key]):
                 st.best, st.best_epoch = scores, st.epoch
@@ -450,9 +464,31 @@ class Loop:
         return st
 
     def selection_key(self) -> str:
-        """``split/metric`` that selects the best epoch."""
-        split = self.cfg.select or self.task.eval_splits[0]
+        """``split/metric`` that selects the best epoch: ``train.select``, else the held-out split
+        when the task carves one, else the task's first eval split."""
+        split = self.cfg.select or ("heldout" if "heldout" in self.data.splits else self.task.eval_splits[0])
         return f"{split}/{self.task.metrics[0]}"
+
+    def summary(self) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """``(metrics, protocol)`` of the run so far.
+
+        ``metrics``: ``best`` (the epoch the selection split chose, every split), ``best_on_dev``
+        (the epoch with the best primary metric on the first eval split: the GLUE convention,
+        optimistic when that split is also reported) and ``last``; ``teacher/...`` keys excluded.
+        """
+        st = self.state
+        hist = [{k: v for k, v in h.items() if not k.startswith("teacher/")} for h in st.history]
+        dev_key = f"{self.task.eval_splits[0]}/{self.task.metrics[0]}"
+        on_dev: dict[str, float] = {}
+        for h in hist:
+            if dev_key in h and (not on_dev or self._better(h[dev_key], on_dev[dev_key])):
+                on_dev = h
+        strip = lambda h: {k: v for k, v in h.items() if k != "epoch"}  # noqa: E731
+        metrics = {"best": strip(st.best), "best_on_dev": strip(on_dev), "last": strip(hist[-1]) if hist else {}}
+        protocol = {"selection": self.selection_key(), "best_epoch": st.best_epoch,
+                    "best_on_dev_epoch": int(on_dev["epoch"]) if on_dev else -1,
+                    "epochs_run": len(st.history), "steps": st.step}
+        return metrics, protocol
 
     def _better(self, new: float, old: float) -> bool:
         return new > old if self.task.higher_is_better else new < old

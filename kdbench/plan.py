@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kdbench.config import Suite, TrainConfig, build_config, section, task_section
+from kdbench.config import Suite, TrainConfig, build_config, section, task_section, train_for_task
 from kdbench.errors import ConfigError
 from kdbench.options import as_dict, identity
 from kdbench.registry import suggest
@@ -89,6 +89,7 @@ def make_run_id(spec: CellSpec) -> str:
     resolved = spec.resolved()
     ident = {**resolved, "student_model": ({"kind": spec.student_kind, **identity(spec.student_cfg)}
                                            if spec.student else {}),
+             "task_options": identity(spec.task_cfg),
              "train": identity(spec.train), "teacher_train": identity(spec.teacher_train)}
     return f"{spec.method}__{spec.task.replace('/', '-')}__{student}__s{spec.seed}__{config_hash(ident)}"
 
@@ -134,11 +135,12 @@ def expand(suite: Suite, host: Host, warnings: list[str] | None = None) -> list[
             cells.append(_with_id(spec))
             key = (spec.task, spec.teacher, spec.seed)
             if key not in teacher_cells and teacher_loss is not None:
+                t_train = train_for_task(generic_teacher_train, tasks[spec.task], spec.task_cfg,
+                                         "teacher_train", problems)
                 tspec = CellSpec(suite.name, TEACHER, spec.task, "", spec.seed, spec.teacher,
                                  spec.teacher_kind, spec.teacher_cfg, "", None, teacher_loss.name,
                                  teacher_loss.Config(), TeacherUpdate.name, None, spec.task_cfg,
-                                 generic_teacher_train, generic_teacher_train,
-                                 {"task": spec.versions["task"]})
+                                 t_train, t_train, {"task": spec.versions["task"]})
                 teacher_cells[key] = _with_id(tspec)
     if problems:
         raise ConfigError(_dedupe(problems))
@@ -239,12 +241,16 @@ def _method_cells(suite: Suite, host: Host, method_name: str, tasks: dict[str, A
     train = _train_config(suite, "train", defaults.get("train", {}), method_name, problems)
     teacher_train = _train_config(suite, "teacher_train", {}, method_name, []) if any(
         section(raw, "method", method_name, "teacher_train") for raw in suite.layers()) else generic_teacher_train
+    check_student = getattr(rule_cls, "check_student", lambda *a: None)  # plan-time student check
+    modalities = {cls.modality for cls in tasks.values()}
+    for sname, (_, skind, scfg, modality) in students.items():
+        problem = check_student(rule_cfg, skind, scfg) if modality in modalities else None
+        if problem:
+            problems.append(f"method {method_name!r}, [students.{sname}]: {problem}")
     cells = []
     for task_name, task_cls in tasks.items():
-        for key, tcfg_ in (("train", train), ("teacher_train", teacher_train)):
-            if tcfg_.select and tcfg_.select not in (*task_cls.eval_splits, "quiz"):
-                problems.append(f"[{key}] select = {tcfg_.select!r}: task {task_name!r} has no such split; "
-                                f"use one of {', '.join((*task_cls.eval_splits, 'quiz'))}")
+        t_train = train_for_task(train, task_cls, task_cfgs[task_name], "train", problems)
+        t_teacher_train = train_for_task(teacher_train, task_cls, task_cfgs[task_name], "teacher_train", problems)
         task = task_cls(task_cfgs[task_name])
         reason = loss_cls.check(task) or rule_cls.check(task) or ""
         if not reason and rule_cls.needs_quiz and not data_options(
@@ -258,7 +264,7 @@ def _method_cells(suite: Suite, host: Host, method_name: str, tasks: dict[str, A
             tkind, tcfg = teachers[tname]
             cells += [CellSpec(suite.name, method_name, task_name, sname, seed, tname, tkind, tcfg, skind,
                                scfg, method.loss, loss_cfg, method.teacher_update, rule_cfg,
-                               task_cfgs[task_name], train, teacher_train, versions, reason)
+                               task_cfgs[task_name], t_train, t_teacher_train, versions, reason)
                       for seed in suite.seeds]
     return cells
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kdbench.diagnostics import trivial_baseline
 from kdbench.errors import NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.loop import Loop, LoopState, generator, save_path, seed_for
@@ -85,8 +86,9 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     teacher_kind = host.models.get(spec.teacher_kind)(spec.teacher_cfg)
     init_gen = generator(seed_for(spec.seed, "init"))
     teacher = teacher_kind.build(task.num_labels, init_gen)
-    data = prepare_data(task, tokenizer=teacher.tokenizer, cache_dir=ctx.cache_dir / "data")
+    data = prepare_data(task, tokenizer=teacher.tokenizer, cache_dir=ctx.cache_dir / "data", seed=spec.seed)
     result["data"] = data.info
+    result["baseline"] = trivial_baseline(task, data)
     reset_peak(device)
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -116,7 +118,8 @@ def run_cell(spec: CellSpec, ctx: RunContext) -> dict[str, Any]:
     result.update(status="ok", wall_s=wall)
     _fill_metrics(result, loop, state)
     result["extra"].update(resumed_from_step=resumed, teacher_cache=cache_ok,
-                           params={"teacher": teacher.num_parameters(), "student": student.num_parameters()})
+                           params={"teacher": teacher.num_parameters(), "student": student.num_parameters()},
+                           models={"teacher": model_record(teacher), "student": model_record(student)})
     result["seeds"] = seeds
     result["throughput"] = throughput(state, student, teacher, data, cache_ok, device)
     result["peak_memory_mb"] = peak_mb(device)
@@ -157,11 +160,20 @@ def _build_loop(spec: CellSpec, ctx: RunContext, task: Any, teacher_kind: Any, t
 
 
 def _fill_metrics(result: dict[str, Any], loop: Loop, state: LoopState) -> None:
-    result["metrics"] = {"best": state.best, "last": state.history[-1] if state.history else {}}
-    result["metrics"]["last"] = {k: v for k, v in result["metrics"]["last"].items() if k != "epoch"}
-    result["protocol"] = {"selection": loop.selection_key(), "best_epoch": state.best_epoch,
-                          "epochs_run": len(state.history), "steps": state.step}
+    result["metrics"], result["protocol"] = loop.summary()
     result["history"] = state.history
+    last = state.history[-1] if state.history else {}
+    result["teacher_after"] = {k: v for k, v in last.items() if k.startswith("teacher/")}
+
+
+def model_record(model: Any) -> dict[str, Any]:
+    """What was resolved when ``model`` was built: origin, read-out pooling, picked layers."""
+    rec: dict[str, Any] = {"origin": getattr(model, "origin", "")}
+    for key in ("pooling", "picked_layers"):
+        value = getattr(model, key, None)
+        if value is not None:
+            rec[key] = list(value) if isinstance(value, tuple) else value
+    return rec
 
 
 def throughput(state: LoopState, student: Any, teacher: Any, data: Any, cached: bool,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdbench.errors import PluginError
+from kdbench.options import option
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class DataOptions:
     max_train_examples: int = 0  # 0 = all; else a seeded, stratified cap on train
     quiz_fraction: float = 0.1  # stratified share of train held out as the "quiz" split (0 = none)
     data_seed: int = 42  # seed of the cap and the quiz split
+    #: stratified share of train held out as the "heldout" split that selects the best epoch
+    #: (0 = none; seeded by the cell seed; added after v1 results)
+    heldout_fraction: float = option(0.0, ge=0, lt=0.5, id_default=0.0)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def cache_key(spec: CellSpec, data: TaskData) -> str:
     return config_hash({
         "teacher": {"kind": spec.teacher_kind, **as_dict(spec.teacher_cfg)},
         "task": spec.task, "task_version": spec.versions.get("task", ""),
-        "task_options": as_dict(spec.task_cfg), "data": data.fingerprint,
+        "task_options": identity(spec.task_cfg), "data": data.fingerprint,
         "recipe": identity(spec.teacher_train), "seed": spec.seed,
     }, n=16)
 
@@ -127,11 +127,10 @@ def _fine_tune(spec: CellSpec, key: str, teacher: KDModel, task: Task, data: Tas
     state = loop.run()
     if loop.best_weights is not None:
         teacher.load_state_dict(loop.best_weights)
-    last = {k: v for k, v in (state.history[-1] if state.history else {}).items() if k != "epoch"}
+    metrics, protocol = loop.summary()
     sps = state.samples / state.train_seconds if state.train_seconds else 0.0
     ckpt.unlink(missing_ok=True)
-    return {"metrics": {"best": state.best, "last": last}, "resumed_from_step": resumed,
-            "protocol": {"selection": loop.selection_key(), "best_epoch": state.best_epoch,
-                         "epochs_run": len(state.history)},
+    return {"metrics": metrics, "resumed_from_step": resumed, "protocol": protocol,
             "throughput": {"samples_per_s": sps, "train_s": state.train_seconds},
-            "params": teacher.num_parameters(), "origin": teacher.origin}
+            "params": teacher.num_parameters(), "origin": teacher.origin,
+            "pooling": getattr(teacher, "pooling", None)}

@@ -265,6 +265,11 @@ class DistillLoss(nn.Module):
     def begin_epoch(self, epoch: int, num_epochs: int) -> None:
         """Called before every epoch (multi-stage losses switch stage here)."""
 
+    def num_epochs(self, train_epochs: int) -> int:
+        """Epochs the cell runs given ``train.epochs``; a multi-stage loss with per-stage budgets
+        (Meta-KD) may ask for more. Default: ``train_epochs``."""
+        return train_epochs
+
     def stages(self, num_epochs: int) -> tuple[int, ...]:
         """Epochs (0-based) at which a new training stage starts as if it were a fresh run: the
         learning-rate schedule (warmup + decay) restarts there and the optimizer's moments are

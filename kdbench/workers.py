@@ -43,7 +43,7 @@ def teacher_key(spec: CellSpec) -> str:
     """What a cell's fine-tuned teacher depends on (the spec-level part of the teacher cache key):
     a method cell and its teacher cell share it."""
     return config_hash({"teacher": [spec.teacher_kind, as_dict(spec.teacher_cfg)], "task": spec.task,
-                        "task_options": as_dict(spec.task_cfg), "seed": spec.seed,
+                        "task_options": identity(spec.task_cfg), "seed": spec.seed,
                         "recipe": identity(spec.teacher_train)}, n=16)
 
 

@@ -257,7 +257,11 @@ def test_data_options_one_typed_default() -> None:
     from kdbench_builtins.tasks_glue import GlueConfig
 
     text = {f.name for f in dataclasses.fields(TextDataOptions)}
-    assert text == {"max_seq_length", "max_train_examples", "quiz_fraction", "data_seed"}
+    assert text == {"max_seq_length", "max_train_examples", "quiz_fraction", "data_seed", "heldout_fraction"}
+    # heldout_fraction (added after v1 results) stays out of run ids at its default only
+    from kdbench.options import identity
+    assert "heldout_fraction" not in identity(GlueConfig())
+    assert identity(GlueConfig(heldout_fraction=0.1))["heldout_fraction"] == 0.1
     for cfg in (GlueConfig(), AmazonConfig(), ReviewsConfig()):
         assert data_options(cfg, text=True) is cfg and isinstance(cfg, TextDataOptions)
     for vis in (Cifar100Config(), DigitsConfig()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench import Batch, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
+from kdbench import Batch, ConfigError, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
 from kdbench.config import TrainConfig
 from kdbench_builtins import reptile
 from kdbench_builtins.models_text import TinyBert, TinyBertConfig
@@ -67,6 +67,7 @@ def _student_grads(ctx: StepContext) -> dict[str, Tensor]:
 
 def _rule(**kw: Any) -> reptile.Reptile:
     kw.setdefault("inner_dropout", False)  # the tests' students run in eval mode
+    kw.setdefault("mapping", "skip")  # the tests' students are built whole, not picked
     return reptile.Reptile(reptile.ReptileConfig(**kw))
 
 
@@ -271,6 +272,47 @@ def test_registers_rule_and_method() -> None:
 def test_reptile_distil_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
     result = run_tiny(make_host(), "reptile-distil", steps=6)
     assert result["status"] == "ok", result.get("reason")
-    assert result["config"]["teacher_update"]["mapping"] == "skip"
+    assert result["config"]["teacher_update"]["mapping"] == "auto"
+    last = result["extra"]["last_metrics"]
+    assert last["prepare/teacher/layer_map_picked"] == 1.0  # "auto" on a pick-layers student
+    assert last["prepare/teacher/layer_map/s0/0"] == 1.0  # the tiny suite's student: pick = "last" of 2
     assert result["extra"]["last_metrics"].get("teacher/pseudo_grad_norm", 0.0) > 0
     assert result["extra"]["last_metrics"]["prepare/teacher/mapped_tensors"] > 0
+
+
+def test_picked_map_pairs_each_layer_with_its_source() -> None:
+    assert reptile.layer_map("picked", 3, 6, (0, 1, 2)) == {0: (0,), 1: (1,), 2: (2,)}
+    assert reptile.layer_map("picked", 2, 6, [2, 5]) == reptile.layer_map("skip", 2, 6)
+    assert reptile.layer_map("auto", 2, 6, (0, 1)) == {0: (0,), 1: (1,)}
+    assert reptile.layer_map("auto", 2, 6) == reptile.layer_map("skip", 2, 6)  # whole students
+    with pytest.raises(ConfigError, match='mapping = "picked" needs a student'):
+        reptile.layer_map("picked", 2, 4)
+    with pytest.raises(NotApplicable, match="do not fit"):
+        reptile.layer_map("picked", 2, 4, (1, 4))
+
+
+def test_picked_map_follows_a_pick_layers_student() -> None:
+    from kdbench_builtins.students import PickLayers, PickLayersConfig
+
+    teacher_kind = TinyBert(TinyBertConfig(layers=4, vocab_size=150))
+    student = PickLayers(PickLayersConfig(layers=2, pick="first")).build(
+        teacher_kind, 2, torch.Generator().manual_seed(0))
+    assert student.picked_layers == (0, 1)
+    pairs = reptile.parameter_pairs(student, _model(4, seed=1), "picked")
+    layers = {(int(s[len(LAYER)]), int(t[len(LAYER)])) for s, t in pairs if s.startswith(LAYER)}
+    assert layers == {(0, 0), (1, 1)}  # "first"-picked students pull the layers they came from
+
+
+def test_picked_map_is_rejected_at_plan_time_for_whole_students(tmp_path: Any, make_host: Any) -> None:
+    from kdbench.config import load_suite
+    from kdbench.plan import expand
+    from kdbench.testing import tiny_suite
+
+    host = make_host()
+    path = tiny_suite(tmp_path / "s.toml", "reptile-distil")
+    text = path.read_text().replace('kind = "pick-layers"\nlayers = 1\npick = "last"',
+                                    'kind = "model"\nmodel = "tiny-bert"\noptions = { layers = 1, hidden = 32 }')
+    path.write_text(text)
+    with pytest.raises(ConfigError, match='mapping = "picked" needs a pick-layers student'):
+        expand(load_suite(str(path), ["teacher_update.reptile.mapping=picked"]), host)
+    assert expand(load_suite(str(path)), host)  # "auto": the reference's skip map

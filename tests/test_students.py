@@ -140,25 +140,29 @@ def test_pick_layers_mean_pooling_reads_masked_mean(six_layer: Path) -> None:
 def test_pooling_errors() -> None:
     from kdbench_builtins.models_text import HFTextModel
 
-    with pytest.raises(ConfigError, match="pooling = 'max'; use one of 'cls', 'mean'"):
+    with pytest.raises(ConfigError, match="pooling = 'max'; use one of 'auto', 'cls', 'mean'"):
         PickLayers(PickLayersConfig(pooling="max")).modality(TinyBert(TinyBertConfig()))  # plan time
     with pytest.raises(ConfigError, match="needs a BERT-style head"):
         HFTextModel(torch.nn.Linear(2, 2), pooling="mean")
 
 
-def test_later_options_at_default_keep_published_run_ids() -> None:
+def test_run_ids_name_the_pooling_and_only_regression_ids_the_label_mean_bias() -> None:
     from kdbench.config import load_suite
     from kdbench.manager import Host, make_plugin_manager
     from kdbench.plan import expand
 
     host = Host(make_plugin_manager(autoload=False))
-    base = {c.run_id for c in expand(load_suite("glue-small"), host)}
-    same = {c.run_id for c in expand(load_suite("glue-small", ["students.minilm-l2.pooling=cls",
-                                                               "train.label_mean_bias=false"]), host)}
+    base = {c.run_id: c for c in expand(load_suite("glue-small"), host)}
+    explicit = expand(load_suite("glue-small", ["students.minilm-l2.pooling=auto",
+                                                "train.label_mean_bias=true"]), host)
+    assert {c.run_id for c in explicit} == set(base)  # "auto" and True are the defaults
     pooled = expand(load_suite("glue-small", ["students.minilm-l2.pooling=mean"]), host)
-    assert same == base
-    assert {c.run_id for c in pooled if c.student != "minilm-l2"} <= base
-    assert not {c.run_id for c in pooled if c.student == "minilm-l2"} & base
+    assert {c.run_id for c in pooled if c.student != "minilm-l2"} <= set(base)
+    assert not {c.run_id for c in pooled if c.student == "minilm-l2"} & set(base)
+    no_bias = {c.run_id for c in expand(load_suite("glue-small", ["train.label_mean_bias=false"]), host)}
+    changed = {base[r].task for r in set(base) - no_bias}
+    assert changed == {"glue/stsb"}  # classification resolves label_mean_bias to False at plan time
+    assert all(not c.train.label_mean_bias for c in base.values() if c.task != "glue/stsb")
 
 
 def test_pick_layers_rejects_vision_teacher() -> None:

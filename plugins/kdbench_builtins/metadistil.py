@@ -35,7 +35,8 @@ and the finite differences see the same masks. Both are exact for one SGD pilot 
 Deliberate deviations from the reference code:
 
 * quiz = a seeded 10% split of train (the paper's 9:1), never dev (the NLP code used dev);
-  ``quiz_batches`` (k) batches per update instead of the whole held set every round;
+  ``quiz_batches`` (k, default 1) batches per update; ``quiz_batches = 0`` is the reference's
+  whole held set every round;
 * one pilot batch per round (``num_meta_batches = 1``); ``every`` spaces the teacher updates;
 * PKD term off by default: the pilot loss is the run's loss, so ``metadistil`` uses ``kd`` and
   ``metadistil-pkd`` uses ``pkd`` (the NLP code's β = 100 PKD-skip term, pilot and real step);
@@ -80,7 +81,8 @@ class MetaDistilConfig:
     teacher_schedule: str = "linear"  # "linear" warmup+decay over the run | "constant" | "student"
     teacher_warmup: float = 0.0  # fraction of the run's steps with linear warmup ("linear")
     grad_clip: float = 1.0  # teacher grad-norm clip; 0 = off
-    quiz_batches: int = 1  # quiz batches per teacher update
+    quiz_batches: int = 1  # quiz batches (of train.batch_size) per teacher update; 0 = the whole
+    # quiz split every update (the reference NLP code: num_held_batches = 0)
     every: int = 1  # update the teacher every N student steps
     start_epoch: int = 0  # first epoch (0-based) with teacher updates
     meta_grad: str = "first_order_exact"  # "first_order_exact" | "second_order" (reference)
@@ -152,9 +154,11 @@ class MetaDistil(TeacherUpdate):
             if getattr(cfg, key) not in allowed:
                 raise ConfigError(f"teacher_update 'metadistil' key {key!r} must be one of "
                                   f"{', '.join(allowed)}; got {getattr(cfg, key)!r}.")
-        for key in ("every", "quiz_batches"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"teacher_update 'metadistil' key {key!r} must be >= 1; got {getattr(cfg, key)!r}.")
+        for key, low in (("every", 1), ("quiz_batches", 0)):
+            if getattr(cfg, key) < low:
+                raise ConfigError(f"teacher_update 'metadistil' key {key!r} must be >= {low}; "
+                                  f"got {getattr(cfg, key)!r}.")
+        self.n_quiz = cfg.quiz_batches  # resolved in prepare (0 = the whole quiz split)
         self.opt: torch.optim.Optimizer | None = None
         self.updates = 0
         self.student_lr0 = 0.0  # student lr at prepare (for pilot_lr_schedule="student")
@@ -172,6 +176,13 @@ class MetaDistil(TeacherUpdate):
             raise ConfigError("teacher_update 'metadistil' needs quiz batches; set the task's "
                               "quiz_fraction > 0 (e.g. 0.1)")
         c = self.cfg
+        quiz_split = ctx.data.splits["quiz"] if ctx.data is not None and "quiz" in ctx.data.splits else None
+        size = int(getattr(ctx.train, "batch_size", 1))
+        if c.quiz_batches == 0 and quiz_split is None:
+            raise ConfigError("teacher_update 'metadistil' quiz_batches = 0 (the whole quiz split) needs a "
+                              "quiz split in the task data")
+        if c.quiz_batches == 0 and quiz_split is not None:
+            self.n_quiz = quiz_split.num_batches(min(size, len(quiz_split)))
         ctx.teacher.requires_grad_(True)
         params = list(ctx.teacher.parameters())
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": c.teacher_weight_decay},
@@ -185,7 +196,9 @@ class MetaDistil(TeacherUpdate):
         self.student_lr0 = float(group.get("initial_lr", group["lr"]))
         if self._pending is not None:
             self.load_state_dict(self._pending)
-        return {}
+        return {"teacher/quiz_batches": float(self.n_quiz),
+                "teacher/quiz_examples_per_update": float(self.n_quiz * size if quiz_split is None
+                                                          else min(self.n_quiz * size, len(quiz_split)))}
 
     def _student_lr_ratio(self, ctx: StepContext, ref: float) -> float:
         return float(ctx.student_opt.param_groups[0]["lr"]) / ref if ref > 0 else 1.0
@@ -234,7 +247,7 @@ class MetaDistil(TeacherUpdate):
         if ctx.batch is None or ctx.quiz is None:
             raise RuntimeError("MetaDistil.meta_gradient needs ctx.batch and ctx.quiz")
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
-        quiz = [ctx.quiz.next() for _ in range(self.cfg.quiz_batches)]
+        quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]
         was_training = ctx.student.training
         try:
             if self.cfg.meta_grad == "second_order":
@@ -259,7 +272,7 @@ class MetaDistil(TeacherUpdate):
                    q: Batch) -> Tensor:
         with self._autocast(ctx):
             out = _call(ctx.student, fast, buffers, q.inputs, frozenset(), train=False)
-        return hard_loss(out.logits, q.labels, ctx.task.is_regression) / self.cfg.quiz_batches
+        return hard_loss(out.logits, q.labels, ctx.task.is_regression) / self.n_quiz
 
     def _teacher(self, ctx: StepContext, batch: Batch) -> ModelOutput:
         """Teacher forward on the pilot batch: eval mode, with grad."""

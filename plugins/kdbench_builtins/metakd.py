@@ -28,54 +28,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import kdbench
 from kdbench import (
-    Batch,
-    ConfigError,
-    DistillLoss,
     KDModel,
     Method,
-    ModelOutput,
     NotApplicable,
     StepContext,
     Task,
     TeacherUpdate,
 )
-from kdbench_builtins.losses import TinyBertLoss, TinyBertLossConfig
+from kdbench_builtins.metakd_loss import (
+    DomainHead,
+    MetaKDLoss,
+    MetaKDLossConfig,
+    _choice,
+    _reason,
+    expertise_weight,
+    mean_pool,
+)
 
-
-def _choice(owner: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{owner} key {key!r} must be one of {allowed}, got {value!r}")
-
-
-def _reason(task: Task) -> str | None:
-    if not task.domains:
-        return f"meta-kd needs a multi-domain task; {task.name!r} has one domain"
-    if task.is_regression or task.modality != "text":
-        return f"meta-kd needs a text classification task; {task.name!r} is not one"
-    return None
-
-
-def mean_pool(hidden: Tensor, mask: Tensor | None, pooling: str = "masked") -> Tensor:
-    """Mean of token states at positions >= 1 (all but [CLS]).
-
-    Args:
-        hidden: (B, T, H) last-layer states.
-        mask: (B, T) attention mask, or None (all tokens valid).
-        pooling: "masked" averages real tokens only; "unmasked" averages every position 1..T−1,
-            padding included (the reference code's quirk, which depends on the padded length).
-
-    Returns:
-        (B, H) float32.
-    """
-    h = hidden[:, 1:].float()  # (B, T-1, H)
-    if pooling == "unmasked" or mask is None:
-        return h.mean(1)
-    m = mask[:, 1:].to(h.dtype).unsqueeze(-1)  # (B, T-1, 1)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+__all__ = ["DomainHead", "MetaKD", "MetaKDConfig", "MetaKDLoss", "MetaKDLossConfig", "corrupt_domains",
+           "expertise_weight", "mean_pool", "prototype_scores"]
 
 
 def prototype_scores(h: Tensor, domain: Tensor, num_domains: int, query: Tensor | None = None,
@@ -108,38 +83,13 @@ def corrupt_domains(domain: Tensor, generator: torch.Generator) -> Tensor:
     return domain[perm.to(domain.device)]
 
 
-def expertise_weight(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """``w_i = 1 / (1 + exp((p_T(y_i|x_i) − 1)²))`` in [1/(1+e), 0.5]; (B, C), (B,) -> (B,)."""
-    p = teacher_logits.detach().float().softmax(-1).gather(1, labels.view(-1, 1)).squeeze(1)
-    return 1.0 / (1.0 + torch.exp((p - 1.0) ** 2))
-
-
-class DomainHead(nn.Module):
-    """Domain branch: ``u = W_c(E_dom[d] + pooled)``; ``logits = W_d·dropout(tanh(u))`` (§6.2)."""
-
-    def __init__(self, hidden: int, num_domains: int, dropout: float = 0.1, classify: bool = True) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(num_domains, hidden)
-        self.content = nn.Linear(hidden, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden, num_domains) if classify else nn.Identity()  # student: vector only
-
-    def vector(self, pooled: Tensor, domain: Tensor) -> Tensor:
-        """Domain-content vector (B, H) from pooled states (B, H) and domain ids (B,)."""
-        return self.content(self.embed(domain) + pooled)
-
-    def forward(self, pooled: Tensor, domain: Tensor) -> Tensor:
-        """Domain logits (B, D)."""
-        return self.out(self.drop(torch.tanh(self.vector(pooled, domain))))
-
-
 def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
     return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
 
 
 def _architecture(model: KDModel) -> str:
     """What besides the weights shapes training: module tree (dropout rates) and HF config."""
-    config = getattr(getattr(model, "model", None), "config", None)
+    config: Any = getattr(getattr(model, "model", None), "config", None)
     if not hasattr(config, "to_json_string"):
         return repr(model)
     return repr(model) + config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
@@ -374,127 +324,6 @@ class MetaKD(TeacherUpdate):
         """Restore the domain head after ``prepare`` on resume."""
         if self.head is not None and "head" in state:
             self.head.load_state_dict(state["head"])
-
-
-@dataclass(frozen=True, slots=True)
-class MetaKDLossConfig:
-    """Options of the ``meta-kd`` student loss (defaults: EasyNLP's meta_student_distill.sh)."""
-
-    temperature: float = 2.0  # stage-2 softmax temperature (no T² factor)
-    stage1_epochs: int = -1  # epochs of stage 1 (intermediate layers); -1 = half the epochs
-    instance_weights: str = "per_instance"  # "per_instance" | "batch_scalar" (EasyNLP: mean(λ)·MSE)
-    hidden_weight: float = 1.0  # stage 1 hidden-state MSE weight
-    attention_weight: float = 1.0  # stage 1 attention MSE weight
-    domain_weight: float = 0.5  # stage 1 domain-vector MSE weight γ (needs the meta-kd rule)
-    stage2_ce: bool = False  # add hard-label CE in stage 2 (not in the reference)
-    # "restart": stage 2 warms up and decays its learning rate anew with fresh AdamW moments, as the
-    # reference's second run does; "continuous": one schedule over both stages (kdbench < loss v2)
-    stage_schedule: str = "restart"
-    init_seed: int = 0  # seed of the projection and student domain branch
-
-
-class MetaKDLoss(DistillLoss):
-    """``meta-kd``: two-stage, domain-expertise-weighted distillation from the meta-teacher.
-
-    Stage 1 reuses the ``tinybert`` layer pairs and its learned projection ``H_s → H_t``, but
-    reduces each MSE per instance and weights it by ``λ_i = (1 + t_i)·w_i``. ``t_i`` is read from
-    ``self.prototype_scores[batch.index]`` ((N_train,) float tensor, set by the ``meta-kd`` rule in
-    ``prepare`` via :meth:`attach`); without it ``t_i = 0``. The domain term needs the rule's
-    domain head and ``Batch.domain``; it is skipped otherwise.
-    """
-
-    name = "meta-kd"
-    version = "2"  # v2: stage 2 restarts the schedule (stage_schedule="restart")
-    Config = MetaKDLossConfig
-    needs = frozenset({"hidden", "attentions"})
-
-    def __init__(self, cfg: MetaKDLossConfig, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
-        super().__init__(cfg, task=task, teacher=teacher, student=student)
-        _choice("loss 'meta-kd'", "instance_weights", cfg.instance_weights, ("per_instance", "batch_scalar"))
-        _choice("loss 'meta-kd'", "stage_schedule", cfg.stage_schedule, ("restart", "continuous"))
-        if teacher is None:
-            raise ValueError("loss 'meta-kd' needs the teacher model")
-        n, m = teacher.num_layers, student.num_layers
-        if n % m:
-            raise NotApplicable(f"meta-kd maps student layers onto teacher layers with k = L_T/L_S; "
-                                f"teacher {n} layers is not a multiple of student {m}")
-        self.tinybert = TinyBertLoss(TinyBertLossConfig(init_seed=cfg.init_seed), task=task,
-                                     teacher=teacher, student=student)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed + 1)
-            self.s_domain = DomainHead(student.hidden_size, max(len(task.domains), 1), classify=False)
-        self.stage = 1
-        self.prototype_scores: Tensor | None = None
-        self._teacher_head: list[DomainHead] = []  # a list: not a submodule, not in the optimizer
-
-    @classmethod
-    def check(cls, task: Task) -> str | None:
-        """Multi-domain text classification only."""
-        return _reason(task)
-
-    def attach(self, scores: Tensor, teacher_head: DomainHead | None) -> None:
-        """Set the train split's prototype scores (N_train,) and the meta-teacher's domain head."""
-        self.prototype_scores = scores
-        self._teacher_head = [teacher_head] if teacher_head is not None else []
-
-    def _stage1_epochs(self, num_epochs: int) -> int:
-        return self.cfg.stage1_epochs if self.cfg.stage1_epochs >= 0 else num_epochs // 2
-
-    def begin_epoch(self, epoch: int, num_epochs: int) -> None:
-        """Stage 1 for the first ``stage1_epochs`` (0-based ``epoch``), stage 2 afterwards."""
-        self.stage = 1 if epoch < self._stage1_epochs(num_epochs) else 2
-
-    def stages(self, num_epochs: int) -> tuple[int, ...]:
-        """Stage 2 is a fresh run (schedule + optimizer moments) unless ``stage_schedule="continuous"``."""
-        s1 = self._stage1_epochs(num_epochs)
-        return (s1,) if self.cfg.stage_schedule == "restart" and 0 < s1 < num_epochs else ()
-
-    def instance_weights(self, teacher: ModelOutput, batch: Batch) -> Tensor:
-        """``λ_i = (1 + t_i)·w_i``, (B,)."""
-        w = expertise_weight(teacher.logits, batch.labels)
-        if self.prototype_scores is None:
-            return w
-        return (1.0 + self.prototype_scores.to(w.device)[batch.index]) * w
-
-    def _weighted(self, per_example: Tensor, lam: Tensor) -> Tensor:
-        if self.cfg.instance_weights == "batch_scalar":
-            return per_example.mean() * lam.mean()
-        return (per_example * lam).mean()
-
-    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:  # type: ignore[override]
-        """Stage 1: {"hidden", "attention", "domain"}; stage 2: {"kd"} (+ {"ce"})."""
-        if teacher is None:
-            raise ValueError("loss 'meta-kd' needs teacher outputs")
-        cfg = self.cfg
-        if self.stage == 2:
-            t = cfg.temperature
-            p_t = (teacher.logits.detach().float() / t).softmax(-1)  # (B, C)
-            terms = {"kd": -(p_t * F.log_softmax(student.logits.float() / t, -1)).sum(-1).mean()}
-            if cfg.stage2_ce:
-                terms["ce"] = F.cross_entropy(student.logits.float(), batch.labels)
-            return terms
-        if not student.hidden or not teacher.attentions:
-            raise ValueError("loss 'meta-kd' stage 1 needs hidden states and attentions of both models")
-        lam = self.instance_weights(teacher, batch)
-        tb = self.tinybert
-        hid = sum((self.tinybert.proj(student.hidden[j]).float() - teacher.hidden[i].float())
-                  .pow(2).flatten(1).mean(1) for j, i in [(0, 0), *tb.pairs])  # (B,)
-        att = torch.zeros_like(lam)
-        for j, i in tb.pairs:
-            a_s, a_t = student.attentions[j - 1].float(), teacher.attentions[i - 1].float()  # (B, h, T, T)
-            if a_s.shape[1] != a_t.shape[1]:
-                a_s, a_t = a_s.mean(1), a_t.mean(1)  # (B, T, T)
-            att = att + (a_s - a_t).pow(2).flatten(1).mean(1)
-        terms = {"hidden": cfg.hidden_weight * self._weighted(hid, lam),  # type: ignore[arg-type]
-                 "attention": cfg.attention_weight * self._weighted(att, lam)}
-        if self._teacher_head and batch.domain is not None and cfg.domain_weight:
-            mask, d = batch.inputs.get("attention_mask"), batch.domain.clamp_min(0)
-            with torch.no_grad():
-                v_t = self._teacher_head[0].vector(mean_pool(teacher.hidden[-1], mask), d)  # (B, H_t)
-            v_s = tb.proj(self.s_domain.vector(mean_pool(student.hidden[-1], mask), d))  # (B, H_t)
-            dom = (v_s.float() - v_t.float()).pow(2).mean(1) * (batch.domain >= 0)  # (B,)
-            terms["domain"] = cfg.domain_weight * self._weighted(dom, lam)
-        return terms
 
 
 def _methods() -> Iterator[Method]:

@@ -20,16 +20,58 @@ from torch import Tensor
 
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
+from kdbench.registry import suggest
 
 #: how the classification head reads a sequence: "cls" = the model's own head (BERT: the [CLS]
-#: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear
-POOLINGS = ("cls", "mean")
+#: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear,
+#: "auto" = what the checkpoint's own pooling configuration says (:func:`resolve_pooling`)
+POOLINGS = ("auto", "cls", "mean")
 
 
 def check_pooling(pooling: str) -> None:
     """Raise a ConfigError for a ``pooling`` outside :data:`POOLINGS`."""
     if pooling not in POOLINGS:
-        raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}")
+        raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}"
+                          f"{suggest(pooling, list(POOLINGS))}")
+
+
+def _cached_json(checkpoint: str, filename: str, kw: Mapping[str, Any]) -> Any:
+    """``filename`` of a hub checkpoint (HF cache; downloaded only when online) or a local
+    directory, parsed as JSON; None when the checkpoint has no such file."""
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(checkpoint, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **kw)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def resolve_pooling(pooling: str, checkpoint: str, kw: Mapping[str, Any] | None = None) -> str:
+    """"cls" or "mean" for ``pooling``: "auto" reads the checkpoint's sentence-transformers layout.
+
+    A sentence encoder (all-MiniLM-L6-v2) is trained to be read out by the masked mean of its
+    last layer, not by BERT's [CLS] pooler (which its training never used): ``modules.json`` names
+    a ``Pooling`` module whose ``config.json`` has ``pooling_mode_mean_tokens: true``. "auto" is
+    "mean" then and "cls" otherwise (no checkpoint, no such files, or another pooling mode).
+    """
+    check_pooling(pooling)
+    if pooling != "auto":
+        return pooling
+    if not checkpoint:
+        return "cls"
+    kw = dict(kw or {})
+    modules = _cached_json(checkpoint, "modules.json", kw) or []
+    paths = [m.get("path", "") for m in modules
+             if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")]
+    for path in paths:
+        cfg = _cached_json(checkpoint, f"{path}/config.json" if path else "config.json", kw) or {}
+        if cfg.get("pooling_mode_mean_tokens") is True:
+            return "mean"
+    return "cls"
 
 
 class HFTextModel(KDModel):
@@ -39,7 +81,8 @@ class HFTextModel(KDModel):
 
     def __init__(self, model: Any, tokenizer: Any = None, origin: str = "", pooling: str = "cls") -> None:
         super().__init__()
-        check_pooling(pooling)
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f'HFTextModel pooling = {pooling!r}: resolve "auto" first (resolve_pooling)')
         if pooling == "mean" and not (isinstance(getattr(model, "classifier", None), torch.nn.Linear)
                                       and isinstance(getattr(model, "dropout", None), torch.nn.Dropout)):
             raise ConfigError(f'pooling = "mean" needs a BERT-style head (dropout, then one linear '
@@ -47,7 +90,9 @@ class HFTextModel(KDModel):
         self.model = model
         self._tokenizer = tokenizer
         self.origin = origin
-        self.pooling = pooling
+        self.pooling = pooling  # resolved read-out, recorded in results
+        #: for students copied from a deeper checkpoint: the source layer of each layer (0-based)
+        self.picked_layers: tuple[int, ...] | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -202,6 +247,7 @@ class HFConfig:
     revision: str = ""  # hub branch/tag/commit; "" = the default branch
     cache_dir: str = ""  # HF cache directory; "" = $HF_HOME / the HF default
     local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
+    pooling: str = "auto"  # "auto": the checkpoint's own (mean for sentence encoders) | "cls" | "mean"
 
 
 class HFModel(ModelKind):
@@ -214,6 +260,10 @@ class HFModel(ModelKind):
     name = "hf"
     modality = "text"
     Config = HFConfig
+
+    def resolved_pooling(self, pooling: str = "") -> str:
+        """What ``pooling`` (default: this kind's option) resolves to for this checkpoint."""
+        return resolve_pooling(pooling or self.cfg.pooling, self.cfg.checkpoint, self._kwargs())
 
     def _kwargs(self) -> dict[str, Any]:
         c: HFConfig = self.cfg
@@ -251,6 +301,7 @@ class HFModel(ModelKind):
         c: HFConfig = self.cfg
         if not c.checkpoint:
             raise ConfigError('model kind "hf" needs checkpoint = "<hub name or local path>"')
+        check_pooling(c.pooling)
         if c.attn_implementation not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
             raise ConfigError(f"hf attn_implementation = {c.attn_implementation!r}; "
                               'use "sdpa" (default) or "eager"')
@@ -264,7 +315,7 @@ class HFModel(ModelKind):
                     **self._kwargs())
         except (OSError, ValueError) as exc:
             raise self._fail("weights", exc) from None
-        return HFTextModel(model, tokenizer=tokenizer, origin=c.checkpoint)
+        return HFTextModel(model, tokenizer=tokenizer, origin=c.checkpoint, pooling=self.resolved_pooling())
 
     def describe(self) -> str:
         """The checkpoint name (with revision)."""

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 import kdbench
-from kdbench import Batch, ConfigError, Method, ModelOutput, NotApplicable, StepContext, TeacherUpdate
+from kdbench import Batch, ConfigError, Method, ModelOutput, StepContext, TeacherUpdate
+from kdbench_builtins.reptile_map import MAPPINGS, layer_map, parameter_pairs
 
-MAPPINGS = ("first", "last", "skip", "both")
+__all__ = ["MAPPINGS", "Reptile", "ReptileConfig", "layer_map", "parameter_pairs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,9 @@ class ReptileConfig:
     teacher_weight_decay: float = 0.0  # teacher AdamW weight decay (bias/LayerNorm excluded)
     teacher_warmup: float = 0.0  # warmup fraction of the teacher's linear schedule
     max_grad_norm: float = 1.0  # clip of the teacher pseudo-gradient; 0 disables
-    mapping: str = "skip"  # student layer i -> teacher layer(s): "first" | "last" | "skip" | "both"
+    # student layer i -> teacher layer(s): "auto" ("picked" for pick-layers students, else "skip") |
+    # "picked" (the layer it was copied from) | "first" | "last" | "skip" (the reference's) | "both"
+    mapping: str = "auto"
     inner_steps: int = 1  # inner updates of the student copy per batch
     inner_optimizer: str = "fresh_adamw"  # "fresh_adamw" (lr = train.lr, zero moments) | "sgd"
     inner_lr: float = 5e-5  # step size of the "sgd" inner optimizer
@@ -48,75 +51,8 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "norm" in name.lower()
 
 
-def _layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList holding the model's ``num_layers`` transformer layers, with its name."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and num_layers > 0:
-            if len({type(m) for m in mod}) == 1:
-                return name, mod
-    return None
-
-
-def layer_map(strategy: str, n_student: int, n_teacher: int) -> dict[int, tuple[int, ...]]:
-    """Student layer index -> teacher layer indices (0-based) for a mapping strategy.
-
-    Raises:
-        NotApplicable: the depths do not fit the strategy.
-    """
-    if strategy not in MAPPINGS:
-        raise ConfigError(f"teacher_update 'reptile' key 'mapping' must be one of {MAPPINGS}, "
-                          f"got {strategy!r}")
-    if n_student > n_teacher:
-        raise NotApplicable(f"reptile: student has {n_student} layers, teacher only {n_teacher}")
-    if strategy == "both":
-        if n_teacher != 2 * n_student:
-            raise NotApplicable(f"reptile mapping 'both' needs a teacher twice as deep as the "
-                                f"student ({n_student} vs {n_teacher} layers). Hint: use 'skip'.")
-        return {i: (2 * i, 2 * i + 1) for i in range(n_student)}
-    if strategy == "first":
-        return {i: (i,) for i in range(n_student)}
-    if strategy == "last":
-        return {i: (i + n_teacher - n_student,) for i in range(n_student)}
-    return {i: ((i + 1) * n_teacher // n_student - 1,) for i in range(n_student)}
-
-
-def parameter_pairs(student: nn.Module, teacher: nn.Module, strategy: str) -> list[tuple[str, str]]:
-    """(student name, teacher name) pairs by structure: layer i of the student's layer list maps
-    to the strategy's teacher layer(s); every other parameter maps to the same name.
-
-    Raises:
-        NotApplicable: a name has no teacher counterpart or two paired shapes differ.
-    """
-    s_params, t_params = dict(student.named_parameters()), dict(teacher.named_parameters())
-    n_s, n_t = _num_layers(student), _num_layers(teacher)
-    s_list, t_list = _layer_list(student, n_s), _layer_list(teacher, n_t)
-    mapped: dict[str, list[str]] = {}
-    if s_list is not None and t_list is not None:
-        (s_pre, s_mods), (t_pre, t_mods) = s_list, t_list
-        for i, js in layer_map(strategy, len(s_mods), len(t_mods)).items():
-            for rest, _ in s_mods[i].named_parameters():
-                mapped[f"{s_pre}.{i}.{rest}"] = [f"{t_pre}.{j}.{rest}" for j in js]
-    pairs = [(n, t) for n in s_params for t in mapped.get(n, [n])]  # student order
-    for s_name, t_name in pairs:
-        if t_name not in t_params:
-            raise NotApplicable(f"reptile: student parameter {s_name!r} has no teacher counterpart "
-                                f"{t_name!r}; reptile needs the teacher's architecture. Hint: "
-                                "choose a student of the teacher's family and width.")
-        s_shape, t_shape = tuple(s_params[s_name].shape), tuple(t_params[t_name].shape)
-        if s_shape != t_shape:
-            raise NotApplicable(f"reptile: student {s_name!r} {s_shape} and teacher {t_name!r} "
-                                f"{t_shape} have mismatched shapes; reptile needs identical shapes. "
-                                "Hint: choose a student of the teacher's width.")
-    return pairs
-
-
-def _num_layers(model: nn.Module) -> int:
-    """``model.num_layers``, or 0 when the model does not define it."""
-    try:
-        n: Any = model.num_layers
-        return int(n)
-    except (NotImplementedError, AttributeError, TypeError):
-        return 0
+def _depth(model: nn.Module) -> int:
+    return int(getattr(model, "num_layers", 0) or 0)
 
 
 def _autocast(ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
@@ -169,6 +105,14 @@ class Reptile(TeacherUpdate):
         self.sched: torch.optim.lr_scheduler.LRScheduler | None = None
         self._pending: dict[str, Any] | None = None
 
+    @classmethod
+    def check_student(cls, cfg: ReptileConfig, kind: str, student_cfg: Any) -> str | None:
+        """Plan time: mapping "picked" needs a student that records its picked layers."""
+        if cfg.mapping == "picked" and kind != "pick-layers":
+            return (f'teacher_update \'reptile\' mapping = "picked" needs a pick-layers student '
+                    f'(this one is {kind!r}); set mapping = "skip" (the reference\'s) or "first"')
+        return None
+
     def prepare(self, ctx: StepContext) -> dict[str, float]:
         """Map student to teacher parameters, allocate fast weights, build the teacher optimizer.
 
@@ -210,8 +154,13 @@ class Reptile(TeacherUpdate):
         if self._pending is not None:
             self.load_state_dict(self._pending)
         n_mapped = len(self._t_names)
+        picked = getattr(ctx.student, "picked_layers", None)
         return {"teacher/mapped_tensors": float(n_mapped),
-                "teacher/unmapped_tensors": float(len(t_params) - n_mapped)}
+                "teacher/layer_map_picked": float(cfg.mapping == "picked" or (cfg.mapping == "auto" and picked is not None)),
+                "teacher/unmapped_tensors": float(len(t_params) - n_mapped),
+                **{f"teacher/layer_map/s{i}/{k}": float(j) for i, js in
+                   layer_map(cfg.mapping, _depth(ctx.student), _depth(ctx.teacher), picked).items()
+                   for k, j in enumerate(js)}}
 
     def _inner_grads(self, ctx: StepContext, parts: list[tuple[Batch, ModelOutput, float]]) -> list[Tensor]:
         """Gradient of the cell's summed loss terms w.r.t. the fast weights (student order),
@@ -322,7 +271,7 @@ def _iter_methods() -> Iterator[Method]:
     yield Method(
         name="reptile-distil", teacher_update="reptile", loss="kd",
         defaults={"loss": {"alpha": 0.5, "temperature": 5.0},
-                  "teacher_update": {"mapping": "skip", "teacher_lr": 5e-5}},
+                  "teacher_update": {"mapping": "auto", "teacher_lr": 5e-5}},
         paper="Ma, Wang, Yu, Zhang. Knowledge Distillation with Reptile Meta-Learning for "
               "Pretrained Language Model Compression. COLING 2022",
         description="Teacher moves toward a one-step KD-updated student copy (first-order).",

@@ -30,10 +30,13 @@
         layers = 6
         pick = "skip"          # "first" | "skip" | "last" | [1, 3, 5, 7, 9, 11]
         # checkpoint = "bert-base-uncased"; attn_implementation = "eager"
-        # pooling = "mean"     # read out a masked mean of the last layer (BERT-style heads)
+        # pooling = "auto"     # "auto" | "cls" | "mean" (masked mean of the last layer)
 
-``pooling = "mean"`` suits students of mean-pooling sentence encoders such as all-MiniLM-L6-v2:
-the classifier then reads the masked mean of the last layer instead of the [CLS] pooler.
+``pooling = "auto"`` (default) reads out what the source checkpoint was trained for: the masked
+mean of the last layer for mean-pooling sentence encoders such as all-MiniLM-L6-v2 (their
+``1_Pooling/config.json``), BERT's [CLS] pooler otherwise. The built student records the resolved
+pooling and, in ``picked_layers``, the source layer of each of its layers (ReptileDistil's default
+layer map pairs them).
 """
 
 from __future__ import annotations
@@ -48,7 +51,15 @@ from torch import nn
 
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, StudentKind
-from kdbench_builtins.models_text import HFConfig, HFModel, HFTextModel, TinyBert, check_pooling, seeded
+from kdbench_builtins.models_text import (
+    HFConfig,
+    HFModel,
+    HFTextModel,
+    TinyBert,
+    check_pooling,
+    resolve_pooling,
+    seeded,
+)
 from kdbench_builtins.models_vision import VISION_KINDS
 
 
@@ -114,7 +125,7 @@ class PickLayersConfig:
     pick: str | tuple[int, ...] = "first"  # "first" | "skip" | "last" | explicit 0-based layer list
     checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
     attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
-    pooling: str = kdbench.option("cls", id_default="cls")  # "cls": the head reads BERT's [CLS] pooler; "mean": masked mean of the last layer
+    pooling: str = "auto"  # "auto": as the source checkpoint | "cls": BERT's [CLS] pooler | "mean": masked mean
 
 
 def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: int) -> list[int]:
@@ -179,7 +190,8 @@ class PickLayers(StudentKind):
         from transformers import AutoModelForSequenceClassification
 
         c: PickLayersConfig = self.cfg
-        source = self._source_kind(teacher).build(num_labels, generator)
+        source_kind = self._source_kind(teacher)
+        source = source_kind.build(num_labels, generator)
         if not isinstance(source, HFTextModel):
             raise ConfigError(f"pick-layers: source {source.origin!r} is not a Hugging Face text "
                               "model; use the \"model\" student instead")
@@ -204,7 +216,11 @@ class PickLayers(StudentKind):
                 state[key] = fresh
         model.load_state_dict(state, strict=True)
         origin = f"{source.origin}[{','.join(map(str, picked))}]"
-        return HFTextModel(model, tokenizer=source.tokenizer, origin=origin, pooling=c.pooling)
+        pooling = (source_kind.resolved_pooling(c.pooling) if isinstance(source_kind, HFModel)
+                   else resolve_pooling(c.pooling, ""))
+        student = HFTextModel(model, tokenizer=source.tokenizer, origin=origin, pooling=pooling)
+        student.picked_layers = tuple(picked)
+        return student
 
 
 @kdbench.hookimpl
