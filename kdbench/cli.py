@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     # subcommands accept the global options too, without resetting values given before them
-    common = plugin_options(_Parser(add_help=False), top=False)
+    common = _Parser(add_help=False)
+    plugin_options(common, top=False)
     parser = _Parser(prog="kdbench", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Knowledge-distillation benchmark with pluggable teacher-update rules.")
