@@ -252,3 +252,19 @@ def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert {p.name: p.read_bytes() for p in results.iterdir()} == before
     assert not (cache / "teachers").exists()  # no model was built or trained
     assert not (tmp_path / "pwned").exists()  # nothing was unpickled
+
+
+@pytest.mark.parametrize("argv", [["validate", "--suite", "quickstart"], ["run", "--dry-run"]])
+def test_closed_stdout_is_quiet(argv: list[str]) -> None:
+    """``kdbench validate | head -1``: no BrokenPipeError traceback, nothing on stderr, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before kdbench writes: every write hits a closed pipe
+    done = subprocess.run([sys.executable, "-m", "kdbench", *argv], stdout=writer, stderr=subprocess.PIPE,
+                          text=True, timeout=300, env={**os.environ, "KDBENCH_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    os.close(writer)
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stderr == ""

@@ -353,10 +353,12 @@ def test_not_applicable_and_config_errors() -> None:
     ctx.quiz = None
     with pytest.raises(ConfigError, match="quiz"):
         MetaDistil(MetaDistilConfig()).prepare(ctx)
-    with pytest.raises(ConfigError, match="meta_grad"):
-        MetaDistil(MetaDistilConfig(meta_grad="third_order"))
-    with pytest.raises(ConfigError, match="every"):
-        MetaDistil(MetaDistilConfig(every=0))
+    from kdbench.config import build_config
+
+    problems: list[str] = []  # checked at plan time, before anything trains
+    build_config(MetaDistilConfig, [{"meta_grad": "third_order", "every": 0}], "[teacher_update.metadistil]", problems)
+    assert any("meta_grad = 'third_order'" in p for p in problems)
+    assert any("every = 0 must be >= 1" in p for p in problems)
     assert MetaDistil.needs_quiz and MetaDistil.changes_teacher
 
 

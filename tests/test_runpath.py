@@ -68,7 +68,7 @@ def test_main_job_in_a_fresh_clone_leaves_git_clean(tmp_path: Path) -> None:
     status = subprocess.run(["git", "-C", str(clone), "status", "--porcelain", "--untracked-files=all"],
                             capture_output=True, text=True, check=True).stdout
     assert status == "", status
-    results = sorted(p.name.split("__")[0] for p in (clone / "runs" / "quickstart").glob("*.json"))
+    results = sorted(p.name.split("__")[0] for p in (clone / "runs" / "quickstart").glob("*__*.json"))
     assert results == ["kd", "kd", "no-kd", "no-kd", "teacher", "teacher"]  # trained, not "already done"
     assert "6 cells, 0 already done, 6 to run -> runs/quickstart" in done.stderr
     assert (clone / "runs" / "quickstart.md").read_text().startswith("<!-- generated")
@@ -161,7 +161,7 @@ def test_a_dead_worker_is_recorded_and_the_rest_run_on(tmp_path: Path, capsys: p
     code = main(["-p", str(plugin), "run", "--suite", str(suite), "--workers", "2", "suite.baselines=true",
                  "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c"), "--no-leaderboard"])
     assert code == ExitCode.RUNS_FAILED
-    got = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (tmp_path / "res").glob("*.json")}
+    got = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (tmp_path / "res").glob("*__*.json")}
     assert got["no-kd"]["status"] == "failed" and got["no-kd"]["extra"]["error_kind"] == "worker_died"
     assert got["no-kd"]["extra"]["exit_code"] == 9
     assert got["kd"]["status"] == "ok" and got["teacher"]["status"] == "ok"

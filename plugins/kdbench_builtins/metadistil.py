@@ -51,13 +51,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kdbench
 from kdbench.errors import ConfigError, NotApplicable
 from kdbench.hookspecs import hookimpl
 from kdbench.registry import Registrar
@@ -72,27 +73,22 @@ PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with M
 class MetaDistilConfig:
     """Options of the MetaDistil teacher update (defaults: the NLP code, methods.md §4.4)."""
 
-    pilot_lr: float = 5e-5  # λ, SGD step of the pilot student (CIFAR code: 0.05)
-    pilot_lr_schedule: str = "constant"  # "constant" | "student": λ × student lr / initial lr (CIFAR)
-    teacher_lr: float = 1e-5  # teacher optimizer lr
-    teacher_optimizer: str = "adamw"  # "adamw" | "sgd"
-    teacher_weight_decay: float = 0.0  # on matrices only (biases, LayerNorm excluded)
-    teacher_momentum: float = 0.9  # SGD momentum
-    teacher_schedule: str = "linear"  # "linear" warmup+decay over the run | "constant" | "student"
-    teacher_warmup: float = 0.0  # fraction of the run's steps with linear warmup ("linear")
-    grad_clip: float = 1.0  # teacher grad-norm clip; 0 = off
-    quiz_batches: int = 1  # quiz batches (of train.batch_size) per teacher update; 0 = the whole
+    pilot_lr: float = kdbench.option(5e-5, ge=0)  # λ, SGD step of the pilot student (CIFAR code: 0.05)
+    pilot_lr_schedule: Literal["constant", "student"] = "constant"  # "constant" | "student": λ × student lr / initial lr (CIFAR)
+    teacher_lr: float = kdbench.option(1e-5, ge=0)  # teacher optimizer lr
+    teacher_optimizer: Literal["adamw", "sgd"] = "adamw"  # "adamw" | "sgd"
+    teacher_weight_decay: float = kdbench.option(0.0, ge=0)  # on matrices only (biases, LayerNorm excluded)
+    teacher_momentum: float = kdbench.option(0.9, ge=0, lt=1)  # SGD momentum
+    teacher_schedule: Literal["linear", "constant", "student"] = "linear"  # "linear" warmup+decay over the run | "constant" | "student"
+    teacher_warmup: float = kdbench.option(0.0, ge=0, le=1)  # fraction of the run's steps with linear warmup ("linear")
+    grad_clip: float = kdbench.option(1.0, ge=0)  # teacher grad-norm clip; 0 = off
+    quiz_batches: int = kdbench.option(1, ge=0)  # quiz batches (of train.batch_size) per teacher update; 0 = the whole
     # quiz split every update (the reference NLP code: num_held_batches = 0)
-    every: int = 1  # update the teacher every N student steps
-    start_epoch: int = 0  # first epoch (0-based) with teacher updates
-    meta_grad: str = "first_order_exact"  # "first_order_exact" | "second_order" (reference)
-    jvp: str = "forward"  # first_order_exact: "forward" (torch.func.jvp) | "finite_difference"
-    fd_eps: float = 1e-3  # finite_difference: ε relative to ‖θ_S‖/‖v‖
-
-
-_CHOICES = {"pilot_lr_schedule": ("constant", "student"), "teacher_optimizer": ("adamw", "sgd"),
-            "teacher_schedule": ("linear", "constant", "student"),
-            "meta_grad": ("first_order_exact", "second_order"), "jvp": ("forward", "finite_difference")}
+    every: int = kdbench.option(1, ge=1)  # update the teacher every N student steps
+    start_epoch: int = kdbench.option(0, ge=0)  # first epoch (0-based) with teacher updates
+    meta_grad: Literal["first_order_exact", "second_order"] = "first_order_exact"  # "first_order_exact" | "second_order" (reference)
+    jvp: Literal["forward", "finite_difference"] = "forward"  # first_order_exact: "forward" (torch.func.jvp) | "finite_difference"
+    fd_eps: float = kdbench.option(1e-3, gt=0)  # finite_difference: ε relative to ‖θ_S‖/‖v‖
 
 
 def _up(x: Tensor) -> Tensor:
@@ -150,14 +146,6 @@ class MetaDistil(TeacherUpdate):
 
     def __init__(self, cfg: MetaDistilConfig) -> None:
         super().__init__(cfg)
-        for key, allowed in _CHOICES.items():
-            if getattr(cfg, key) not in allowed:
-                raise ConfigError(f"teacher_update 'metadistil' key {key!r} must be one of "
-                                  f"{', '.join(allowed)}; got {getattr(cfg, key)!r}.")
-        for key, low in (("every", 1), ("quiz_batches", 0)):
-            if getattr(cfg, key) < low:
-                raise ConfigError(f"teacher_update 'metadistil' key {key!r} must be >= {low}; "
-                                  f"got {getattr(cfg, key)!r}.")
         self.n_quiz = cfg.quiz_batches  # resolved in prepare (0 = the whole quiz split)
         self.opt: torch.optim.Optimizer | None = None
         self.updates = 0

@@ -14,13 +14,13 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 import kdbench
-from kdbench import Batch, ConfigError, Method, ModelOutput, StepContext, TeacherUpdate
+from kdbench import Batch, Method, ModelOutput, StepContext, TeacherUpdate
 from kdbench_builtins.reptile_map import MAPPINGS, layer_map, parameter_pairs
 
 __all__ = ["MAPPINGS", "Reptile", "ReptileConfig", "layer_map", "parameter_pairs"]
@@ -30,19 +30,19 @@ __all__ = ["MAPPINGS", "Reptile", "ReptileConfig", "layer_map", "parameter_pairs
 class ReptileConfig:
     """Options of the ``reptile`` teacher update (defaults: the reference README commands)."""
 
-    teacher_lr: float = 5e-5  # learning rate of the teacher's own optimizer
-    teacher_optimizer: str = "adamw"  # "adamw" (reference) | "sgd" (plain interpolation, no momentum)
-    teacher_weight_decay: float = 0.0  # teacher AdamW weight decay (bias/LayerNorm excluded)
-    teacher_warmup: float = 0.0  # warmup fraction of the teacher's linear schedule
-    max_grad_norm: float = 1.0  # clip of the teacher pseudo-gradient; 0 disables
+    teacher_lr: float = kdbench.option(5e-5, ge=0)  # learning rate of the teacher's own optimizer
+    teacher_optimizer: Literal["adamw", "sgd"] = "adamw"  # "adamw" (reference) | "sgd" (plain interpolation, no momentum)
+    teacher_weight_decay: float = kdbench.option(0.0, ge=0)  # teacher AdamW weight decay (bias/LayerNorm excluded)
+    teacher_warmup: float = kdbench.option(0.0, ge=0, le=1)  # warmup fraction of the teacher's linear schedule
+    max_grad_norm: float = kdbench.option(1.0, ge=0)  # clip of the teacher pseudo-gradient; 0 disables
     # student layer i -> teacher layer(s): "auto" ("picked" for pick-layers students, else "skip") |
     # "picked" (the layer it was copied from) | "first" | "last" | "skip" (the reference's) | "both"
-    mapping: str = "auto"
-    inner_steps: int = 1  # inner updates of the student copy per batch
-    inner_optimizer: str = "fresh_adamw"  # "fresh_adamw" (lr = train.lr, zero moments) | "sgd"
-    inner_lr: float = 5e-5  # step size of the "sgd" inner optimizer
-    inner_max_grad_norm: float = 1.0  # clip of the inner gradient; 0 disables
-    adam_eps: float = 1e-8  # epsilon of both AdamWs
+    mapping: Literal["auto", "picked", "first", "last", "skip", "both"] = "auto"
+    inner_steps: int = kdbench.option(1, ge=1)  # inner updates of the student copy per batch
+    inner_optimizer: Literal["fresh_adamw", "sgd"] = "fresh_adamw"  # "fresh_adamw" (lr = train.lr, zero moments) | "sgd"
+    inner_lr: float = kdbench.option(5e-5, ge=0)  # step size of the "sgd" inner optimizer
+    inner_max_grad_norm: float = kdbench.option(1.0, ge=0)  # clip of the inner gradient; 0 disables
+    adam_eps: float = kdbench.option(1e-8, gt=0)  # epsilon of both AdamWs
     inner_dropout: bool = True  # run the copy in train mode (dropout on), as the reference's copy
 
 
@@ -92,14 +92,6 @@ class Reptile(TeacherUpdate):
 
     def __init__(self, cfg: ReptileConfig) -> None:
         super().__init__(cfg)
-        for key, val, ok in (("mapping", cfg.mapping, MAPPINGS),
-                             ("inner_optimizer", cfg.inner_optimizer, ("fresh_adamw", "sgd")),
-                             ("teacher_optimizer", cfg.teacher_optimizer, ("adamw", "sgd"))):
-            if val not in ok:
-                raise ConfigError(f"teacher_update 'reptile' key {key!r} must be one of {ok}, "
-                                  f"got {val!r}")
-        if cfg.inner_steps < 1:
-            raise ConfigError("teacher_update 'reptile' key 'inner_steps' must be >= 1")
         self.pairs: list[tuple[str, str]] = []
         self.opt: torch.optim.Optimizer | None = None
         self.sched: torch.optim.lr_scheduler.LRScheduler | None = None
