@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_fault_tolerance import Interrupt, InterruptAt
 
 from kdbench.config import load_suite
 from kdbench.diagnostics import divergence, trivial_baseline
 from kdbench.executors import LocalExecutor, MatrixContext, pending
-from kdbench.hookspecs import hookimpl
 from kdbench.manager import Host
 from kdbench.plan import expand
 from kdbench.testing import tiny_suite
@@ -102,26 +102,10 @@ def test_trivial_baseline_majority_and_mean() -> None:
     assert trivial_baseline(reg, data) == {"dev/mse": 2.0, "test/mse": 0.0}  # type: ignore[arg-type]
 
 
-class _Interrupt(BaseException):
-    """Stands for a kill."""
-
-
-class _InterruptAt:
-    def __init__(self) -> None:
-        self.step: int | None = None
-
-    @hookimpl
-    def kdbench_log_metrics(self, spec: Any, step: int, metrics: Any) -> None:
-        if self.step is not None and not spec.is_teacher and step >= self.step \
-                and any(k.startswith("loss/") for k in metrics):
-            self.step = None
-            raise _Interrupt
-
-
 def test_resumed_cell_measures_against_the_same_start(tmp_path: Path, make_host: Callable[..., Host]) -> None:
     """Interrupted after epoch 0 (teacher already moved), resumed: the probe's start is the
     fine-tuned teacher, not the checkpointed one, so the diagnostics match an uninterrupted run."""
-    interrupt = _InterruptAt()
+    interrupt = InterruptAt()
     host = make_host(interrupt)
     suite = load_suite(str(tiny_suite(tmp_path / "s.toml", "reptile-distil", steps=0)), [
         "train.epochs=2", "train.max_steps=0", "train.log_every=2", "train.checkpoint_every=3",
@@ -132,7 +116,7 @@ def test_resumed_cell_measures_against_the_same_start(tmp_path: Path, make_host:
     ref = list(LocalExecutor(None).map(cells, MatrixContext(tmp_path / "ref", cache), host))
     mctx = MatrixContext(tmp_path / "res", cache)
     interrupt.step = 7
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         list(LocalExecutor(None).map(pending(cells, mctx.results_dir, False), mctx, host))
     out = list(LocalExecutor(None).map(pending(cells, mctx.results_dir, False), mctx, host))
     want = next(r for r in ref if r["method"] == "reptile-distil")
