@@ -194,10 +194,9 @@ def test_meta_kd_stage2_budget() -> None:
 
 def test_metadistil_quiz_batches_zero_is_the_whole_quiz_split(make_host: Callable[..., Host],
                                                              run_tiny: Any) -> None:
-    from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
 
-    with pytest.raises(ConfigError, match="quiz_batches' must be >= 0"):
-        MetaDistil(MetaDistilConfig(quiz_batches=-1))
+    with pytest.raises(ConfigError, match="quiz_batches = -1 must be >= 0"):  # at plan time
+        run_tiny(make_host(), "metadistil", steps=2, overrides=["teacher_update.metadistil.quiz_batches=-1"])
     result = run_tiny(make_host(), "metadistil", steps=2, overrides=[
         "teacher_update.metadistil.quiz_batches=0", "task.toy/reviews.per_domain=100"])
     assert result["status"] == "ok", result.get("reason")
