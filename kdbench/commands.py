@@ -138,8 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(cells)
         return int(ExitCode.OK)
-    check_data(host, cells)
     results_dir, page = run_paths(args, suite.name)
+    # the files of the cells about to run, before any model loads or anything is written
+    check_data(host, pending(cells, results_dir, args.retry_failed))
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     extra = tuple(p for p in args.plugins if not p.startswith("no:"))
     blocked = tuple(p[3:] for p in args.plugins if p.startswith("no:"))

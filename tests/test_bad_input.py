@@ -49,49 +49,42 @@ def plugin(tmp: Path, body: str, name: str) -> str:
     return str(path)
 
 
-RULE = """
+def rule_plugin(config: str, name: str) -> str:
+    """Plugin source: a teacher-update rule ``name`` with the Config body ``config`` and a method
+    ``<name>-kd`` that uses it."""
+    return f"""
 @dataclass(frozen=True)
-class EmaConfig:
+class RuleConfig:
+{textwrap.indent(textwrap.dedent(config), "    ")}
+class Rule(kdbench.TeacherUpdate):
+    name = "{name}"
+    Config = RuleConfig
+
+@kdbench.hookimpl
+def kdbench_register_teacher_updates(register):
+    register(Rule)
+
+@kdbench.hookimpl
+def kdbench_register_methods(register):
+    register(kdbench.Method("{name}-kd", teacher_update="{name}", loss="kd"))
+"""
+
+
+RULE = rule_plugin("""
     beta: float = kdbench.option(0.9, gt=0, lt=1)
     every: int = 1
 
     def validate(self):
         return [] if self.every >= 1 else [f"every = {self.every} must be >= 1"]
+    """, "ema")
 
-class Ema(kdbench.TeacherUpdate):
-    name = "ema"
-    Config = EmaConfig
-
-@kdbench.hookimpl
-def kdbench_register_teacher_updates(register):
-    register(Ema)
-
-@kdbench.hookimpl
-def kdbench_register_methods(register):
-    register(kdbench.Method("ema-kd", teacher_update="ema", loss="kd"))
-"""
-
-POST_INIT = """
-@dataclass(frozen=True)
-class PickyConfig:
+POST_INIT = rule_plugin("""
     lr: float = 0.1
 
     def __post_init__(self):
         if self.lr > 1:
             raise ValueError(f"lr = {self.lr} is too large for a teacher step")
-
-class Picky(kdbench.TeacherUpdate):
-    name = "picky"
-    Config = PickyConfig
-
-@kdbench.hookimpl
-def kdbench_register_teacher_updates(register):
-    register(Picky)
-
-@kdbench.hookimpl
-def kdbench_register_methods(register):
-    register(kdbench.Method("picky-kd", teacher_update="picky", loss="kd"))
-"""
+    """, "picky")
 
 
 def sst2(tmp: Path, train_rows: list[str], header: str = "sentence\tlabel") -> str:
