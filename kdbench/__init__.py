@@ -1,7 +1,8 @@
 """kdbench: a knowledge-distillation benchmark whose teacher-update rule is a plugin.
 
-The public API for plugin authors: the hook markers, the component base classes and the errors.
-Plugins import only from here (``import kdbench``), never from kdbench's submodules.
+The public API for plugin authors: the hook markers, the component base classes, the records hooks
+receive, and the errors. Plugins import only from here (``import kdbench`` or ``from kdbench import
+NAME``, NAME in ``__all__``), never from kdbench's submodules.
 
 Names resolve on first use (PEP 562), so ``import kdbench`` — and the ``kdbench`` command's own
 start-up — does not import torch until a component class is needed.
@@ -13,7 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kdbench.errors import (
+    from kdbench.contract import metrics
+    from kdbench.contract.errors import (
         ConfigError,
         DataError,
         ExitCode,
@@ -21,51 +23,85 @@ if TYPE_CHECKING:
         NotApplicable,
         PluginError,
     )
-    from kdbench.hookspecs import hookimpl, hookspec
-    from kdbench.lazy import lazy_import
-    from kdbench.options import option
-    from kdbench.registry import Registrar
-    from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions
-    from kdbench.types import (
-        Batch,
+    from kdbench.contract.hookspecs import hookimpl, hookspec
+    from kdbench.contract.lazy import lazy_import
+    from kdbench.contract.options import option
+    from kdbench.contract.registry import Registrar, suggest
+    from kdbench.contract.rules import (
+        Artifacts,
         DistillLoss,
-        KDModel,
         Method,
-        ModelKind,
-        ModelOutput,
-        NoConfig,
         QuizStream,
         StepContext,
         StepCost,
-        StudentKind,
-        Task,
         TeacherUpdate,
     )
+    from kdbench.contract.spec import CellSpec, RunContext, Suite, TrainConfig
+    from kdbench.contract.taskopts import DataOptions, SourceOptions, TextDataOptions
+    from kdbench.contract.tensors import TaskData, TensorSplit
+    from kdbench.contract.types import Batch, KDModel, ModelKind, ModelOutput, NoConfig, StudentKind, Task
+    from kdbench.engine.checkpoints import tensor_digest
+    from kdbench.engine.executors import (
+        Executor,
+        HostArgs,
+        MatrixContext,
+        check_rebuildable,
+        execute_cell,
+        rebuild_host,
+    )
+    from kdbench.engine.manager import Host, env_flag
+    from kdbench.report.results import new_result, provenance, result_path, write_result
 
-__version__ = "0.1.0"
+from kdbench.contract.version import __version__
 
+#: where each public name lives (imported on first use). Beyond the component base classes:
 _HOME = {
     **dict.fromkeys(("ConfigError", "DataError", "ExitCode", "KdbenchError", "NotApplicable",
-                     "PluginError"), "kdbench.errors"),
-    **dict.fromkeys(("hookimpl", "hookspec"), "kdbench.hookspecs"),
-    "lazy_import": "kdbench.lazy",
-    "option": "kdbench.options",
-    "Registrar": "kdbench.registry",
-    **dict.fromkeys(("DataOptions", "SourceOptions", "TextDataOptions"), "kdbench.taskopts"),
-    **dict.fromkeys(("Batch", "DistillLoss", "KDModel", "Method", "ModelKind", "ModelOutput",
-                     "NoConfig", "QuizStream", "StepContext", "StepCost", "StudentKind",
-                     "Task", "TeacherUpdate"), "kdbench.types"),
+                     "PluginError"), "kdbench.contract.errors"),
+    **dict.fromkeys(("hookimpl", "hookspec"), "kdbench.contract.hookspecs"),
+    "lazy_import": "kdbench.contract.lazy",
+    "option": "kdbench.contract.options",
+    "Registrar": "kdbench.contract.registry",
+    **dict.fromkeys(("DataOptions", "SourceOptions", "TextDataOptions"), "kdbench.contract.taskopts"),
+    **dict.fromkeys(("Batch", "KDModel", "ModelKind", "ModelOutput", "NoConfig", "StudentKind", "Task"),
+                    "kdbench.contract.types"),
+    **dict.fromkeys(("Artifacts", "DistillLoss", "Method", "QuizStream", "StepContext", "StepCost",
+                     "TeacherUpdate"), "kdbench.contract.rules"),
+    # any plugin: "did you mean" hints for bad option values (``suggest(name, choices)``)
+    "suggest": "kdbench.contract.registry",
+    # task authors: the metric modules (``metrics.score(names, preds, labels)``)
+    "metrics": "kdbench.contract.metrics",
+    # rule and loss authors: the prepared tensors (``StepContext.data``) and a content key of tensors
+    **dict.fromkeys(("TaskData", "TensorSplit"), "kdbench.contract.tensors"),
+    "tensor_digest": "kdbench.engine.checkpoints",
+    # hook authors (kdbench_configure, kdbench_run_cell, ...): the records the hooks receive
+    **dict.fromkeys(("CellSpec", "RunContext", "Suite", "TrainConfig"), "kdbench.contract.spec"),
+    # executor authors: the base class, running one cell, rebuilding the Host in a worker, and the
+    # result files
+    **dict.fromkeys(("Executor", "HostArgs", "MatrixContext", "check_rebuildable", "execute_cell",
+                     "rebuild_host"), "kdbench.engine.executors"),
+    **dict.fromkeys(("Host", "env_flag"), "kdbench.engine.manager"),
+    **dict.fromkeys(("new_result", "provenance", "result_path", "write_result"), "kdbench.report.results"),
 }
 
+#: public names that are modules: ``_HOME`` names the module itself
+_MODULES = frozenset({"metrics"})
+
 __all__ = [
+    "Artifacts",
     "Batch",
+    "CellSpec",
     "ConfigError",
     "DataError",
     "DataOptions",
     "DistillLoss",
+    "Executor",
     "ExitCode",
+    "Host",
+    "HostArgs",
     "KDModel",
     "KdbenchError",
+    "MatrixContext",
     "Method",
     "ModelKind",
     "ModelOutput",
@@ -74,18 +110,34 @@ __all__ = [
     "PluginError",
     "QuizStream",
     "Registrar",
+    "RunContext",
     "SourceOptions",
     "StepContext",
     "StepCost",
     "StudentKind",
+    "Suite",
     "Task",
+    "TaskData",
     "TeacherUpdate",
+    "TensorSplit",
     "TextDataOptions",
+    "TrainConfig",
     "__version__",
+    "check_rebuildable",
+    "env_flag",
+    "execute_cell",
     "hookimpl",
     "hookspec",
     "lazy_import",
+    "metrics",
+    "new_result",
     "option",
+    "provenance",
+    "rebuild_host",
+    "result_path",
+    "suggest",
+    "tensor_digest",
+    "write_result",
 ]
 
 
@@ -93,7 +145,8 @@ def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
     if home is None:
         raise AttributeError(f"module 'kdbench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    module = importlib.import_module(home)
+    value = module if name in _MODULES else getattr(module, name)
     globals()[name] = value
     return value
 

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from kdbench.cli import main
+from kdbench.cli.main import main
 
 sys.exit(main())

@@ -2,20 +2,22 @@
 
 * ``make_host(*plugins)`` — a fresh Host with the built-ins plus the given plugin modules (no
   entry-point autoload, so tests see exactly what they ask for).
-* ``run_tiny(host, method, task="toy/reviews", steps=20, overrides=None)`` — plan and run one tiny
-  cell offline (``overrides``: ``["teacher_update.NAME.key=value", ...]``) and return its result.
+* ``run_tiny(host, method, task=None, steps=20, overrides=None)`` — plan and run one tiny
+  cell offline (``task`` None: the default in ``kdbench/fixtures.toml``, a small text task) (``overrides``: ``["teacher_update.NAME.key=value", ...]``) and return its result.
 """
 
 from __future__ import annotations
 
 import textwrap
+import tomllib
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kdbench.manager import Host, make_plugin_manager
+from kdbench.engine.manager import Host, make_plugin_manager
 
 TINY_SUITE = textwrap.dedent("""\
     [suite]
@@ -60,19 +62,27 @@ TINY_SUITE = textwrap.dedent("""\
     """)
 
 
-def tiny_suite(path: Path, method: str, task: str = "toy/reviews", steps: int = 20, seed: int = 0) -> Path:
-    """Write the tiny suite TOML for one method and task; return its path."""
-    student = "cnn" if task == "toy/digits" else "bert-l1"
+def _fixtures() -> dict[str, Any]:
+    testing: dict[str, Any] = tomllib.loads((resources.files("kdbench") / "fixtures.toml").read_text())["testing"]
+    return testing
+
+
+def tiny_suite(path: Path, method: str, task: str | None = None, steps: int = 20, seed: int = 0) -> Path:
+    """Write the tiny suite TOML for one method and task (None: the default); return its path."""
+    fx = _fixtures()
+    task = task or fx["task"]
+    student = fx["students"].get(task, fx["student"])
     path.write_text(TINY_SUITE.format(method=method, task=task, student=student, steps=steps, seed=seed))
     return path
 
 
-def run_tiny_cell(host: Host, tmp: Path, method: str, task: str = "toy/reviews", steps: int = 20,
+def run_tiny_cell(host: Host, tmp: Path, method: str, task: str | None = None, steps: int = 20,
                   overrides: list[str] | None = None) -> dict[str, Any]:
     """Plan the tiny suite and run its method cell (after its teacher cell); return the result."""
-    from kdbench.config import load_suite
-    from kdbench.executors import LocalExecutor, MatrixContext
-    from kdbench.plan import expand
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.executors import MatrixContext
+    from kdbench.engine.local import LocalExecutor
+    from kdbench.engine.plan import expand
 
     suite = load_suite(str(tiny_suite(tmp / "tiny.toml", method, task, steps)), overrides)
     cells = expand(suite, host)
@@ -98,7 +108,7 @@ def make_host() -> Callable[..., Host]:
 
 @pytest.fixture
 def run_tiny(tmp_path: Path) -> Callable[..., dict[str, Any]]:
-    """Factory: ``run_tiny(host, method, task="toy/reviews", steps=20, overrides=None)``.
+    """Factory: ``run_tiny(host, method, task=None, steps=20, overrides=None)``.
 
     Plans the tiny suite (a 2-layer tiny-BERT or a ResNet-8 teacher, one seed, ``steps`` optimizer
     steps) for ``method`` on ``task`` and runs its teacher cell and method cell offline; returns
@@ -107,7 +117,7 @@ def run_tiny(tmp_path: Path) -> Callable[..., dict[str, Any]]:
     :class:`kdbench.ConfigError` listing every problem, exactly as ``kdbench run`` would.
     """
 
-    def runner(host: Host, method: str, task: str = "toy/reviews", steps: int = 20,
+    def runner(host: Host, method: str, task: str | None = None, steps: int = 20,
                overrides: list[str] | None = None) -> dict[str, Any]:
         return run_tiny_cell(host, tmp_path, method, task, steps, overrides)
 

@@ -123,4 +123,4 @@ def kdbench_register_methods(register):
     register(kdbench.Method("fkd", "frozen", "fake-kd", defaults={"loss": {"temperature": 2.0}}))
     register(kdbench.Method("quiz-kd", "quizzy", "fake-kd"))
     register(kdbench.Method("text-kd", "frozen", "text-only"))
-    register(kdbench.Method("no-kd", "frozen", "ce", role="no-kd"))
+    register(kdbench.Method("no-kd", "frozen", "ce", role="student-only"))

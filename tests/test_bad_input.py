@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdbench.cli import main
-from kdbench.errors import ExitCode
+from kdbench.cli.main import main
+from kdbench.contract.errors import ExitCode
 from kdbench.testing import tiny_suite
 
 CONFIG, DATA, PLUGIN, USAGE, INTERNAL, INTERRUPTED = (ExitCode.CONFIG_ERROR, ExitCode.DATA_ERROR,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import kdbench
-from kdbench.bench import KD_STEP, cmd_bench, step_costs
-from kdbench.bench_pair import bench_rows, build_pair, components, row_cost
-from kdbench.cli import build_parser
-from kdbench.errors import ConfigError
-from kdbench.manager import Host, make_plugin_manager
+from kdbench.cli.args import build_parser
+from kdbench.cli.bench import KD_STEP, cmd_bench, step_costs
+from kdbench.cli.bench_pair import bench_rows, build_pair, components, row_cost
+from kdbench.contract.errors import ConfigError
+from kdbench.engine.manager import Host, make_plugin_manager
 
 torch.set_num_threads(1)
 HOST_FILES = sorted((Path(kdbench.__file__).parent).glob("bench*.py"))

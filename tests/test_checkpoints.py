@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdbench import checkpoints
-from kdbench.checkpoints import (
+from kdbench.contract.errors import DataError, ExitCode
+from kdbench.engine import checkpoints
+from kdbench.engine.checkpoints import (
     CorruptCheckpoint,
     load_model_state,
     load_state,
@@ -21,7 +22,6 @@ from kdbench.checkpoints import (
     save_state,
     unpack,
 )
-from kdbench.errors import DataError, ExitCode
 
 torch.set_num_threads(1)
 

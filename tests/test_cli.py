@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.cli import main
-from kdbench.errors import ExitCode
+from kdbench.cli.main import main
+from kdbench.contract.errors import ExitCode
 from kdbench.testing import tiny_suite
 
 
@@ -50,7 +50,7 @@ def test_ls_and_plugins(capsys):
     assert "kdbench_builtins.metadistil" in names
 
 
-LS_PROBE = ("import sys; from kdbench.cli import main; rc = main(sys.argv[1:]); "
+LS_PROBE = ("import sys; from kdbench.cli.main import main; rc = main(sys.argv[1:]); "
             "print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
 RULE = """import kdbench
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.config import load_suite, parse_overrides
-from kdbench.errors import ConfigError
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.plan import expand
+from kdbench.contract.errors import ConfigError
+from kdbench.engine.config import load_suite, parse_overrides
+from kdbench.engine.manager import Host, make_plugin_manager
+from kdbench.engine.plan import expand
 
 FAKE = str(Path(__file__).with_name("fakeplugin.py"))
-CORE = ("kdbench.runner", "kdbench.leaderboard", "kdbench.executors")
+CORE = ("kdbench.engine.runner", "kdbench.report.leaderboard", "kdbench.engine.local")
 
 SUITE = textwrap.dedent("""
     [suite]
@@ -90,6 +90,160 @@ def test_run_ids_stable_and_sensitive(host, tmp_path):
     assert [c.run_id for c in expand(load_suite(path, ["train.length_bucketing=0"]), host)] == a
     d = [c.run_id for c in expand(load_suite(path, ["train.length_bucketing=8"]), host)]
     assert len(set(a) & set(d)) == 4  # only the teacher cells keep theirs
+
+
+ROLE_PLUGIN = """
+import dataclasses
+import kdbench
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskConfig(kdbench.TextDataOptions):
+    max_seq_length: int = 16
+
+
+class Text(kdbench.Task):
+    name = "r/text"
+    Config = TaskConfig
+
+
+class Bert(kdbench.ModelKind):
+    name = "r-bert"
+
+
+class Same(kdbench.StudentKind):
+    name = "r-same"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LossConfig:
+    alpha: float = 0.5
+{later}
+
+class Loss(kdbench.DistillLoss):
+    name = "r-kd"
+    Config = LossConfig
+
+
+class CE(kdbench.DistillLoss):
+    name = "r-ce"
+    uses_teacher = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuleConfig:
+    lr: float = 0.1
+{later}
+
+class Still(kdbench.TeacherUpdate):
+    name = "still"
+    Config = RuleConfig
+
+
+@kdbench.hookimpl
+def kdbench_register_tasks(register):
+    register(Text)
+
+
+@kdbench.hookimpl
+def kdbench_register_models(register):
+    register(Bert)
+
+
+@kdbench.hookimpl
+def kdbench_register_students(register):
+    register(Same)
+
+
+@kdbench.hookimpl
+def kdbench_register_losses(register):
+    register(Loss)
+    register(CE)
+
+
+@kdbench.hookimpl
+def kdbench_register_teacher_updates(register):
+    register(Still)
+
+
+@kdbench.hookimpl
+def kdbench_register_methods(register):
+    register(kdbench.Method("base", "still", "r-kd", role="reference"))
+    register(kdbench.Method("other", "still", "r-kd"))
+    register(kdbench.Method("plain", "still", "r-ce", role="student-only"))
+"""
+
+ROLE_SUITE = """
+[suite]
+name = "roles"
+methods = ["base", "other"]
+tasks = ["r/text"]
+students = ["small"]
+seeds = [0]
+
+[teachers.big]
+kind = "r-bert"
+
+[students.small]
+teacher = "big"
+kind = "r-same"
+"""
+
+
+def role_host(tmp_path: Path, later: bool = False) -> Host:
+    """Plugins whose no-KD method is "plain" (rule "still", loss "r-ce") and reference method
+    "base"; ``later`` adds an option with ``id_default`` to the loss and the rule."""
+    field = '    new: str = kdbench.option("old", id_default="old")' if later else ""
+    plugin = tmp_path / ("roles_later.py" if later else "roles.py")
+    plugin.write_text(ROLE_PLUGIN.format(later=field))
+    return Host(make_plugin_manager(autoload=False, builtins=CORE, extra=[str(plugin)]))
+
+
+def test_roles_are_found_by_role_not_by_name(tmp_path):
+    """Teacher cells train as the no-KD-role method does (its loss and its rule's name), that
+    method is planned as the baseline row, and the plan facts name both role methods."""
+    from kdbench.engine.plan import plan_facts
+
+    host = role_host(tmp_path)
+    suite = load_suite(write(tmp_path, ROLE_SUITE))
+    cells = expand(suite, host)
+    assert [c.method for c in cells] == ["teacher", "base", "other", "plain"]
+    teacher = cells[0]
+    assert (teacher.loss, teacher.teacher_update, teacher.teacher_update_cfg) == ("r-ce", "still", None)
+    facts = plan_facts(suite, host)
+    assert (facts["baseline_method"], facts["no_kd_method"]) == ("base", "plain")
+    assert facts["suite_arg"] == suite.path  # not a shipped suite: rerun by its path
+    no_baseline = load_suite(write(tmp_path, ROLE_SUITE + "\n"), ["suite.baselines=false"])
+    assert [c.method for c in expand(no_baseline, host)] == ["teacher", "base", "other"]
+
+
+def test_no_kd_role_missing_or_held_twice_is_a_problem(host, tmp_path):
+    from kdbench.engine.plan import plan_facts
+
+    assert plan_facts(load_suite(write(tmp_path)), host)["baseline_method"] == ""  # no reference method
+    twin = tmp_path / "twin.py"
+    twin.write_text("import kdbench\n@kdbench.hookimpl\ndef kdbench_register_methods(register):\n"
+                    "    register(kdbench.Method('plain', 'frozen', 'ce', role='student-only'))\n")
+    two = Host(make_plugin_manager(autoload=False, builtins=CORE, extra=[FAKE, str(twin)]))
+    with pytest.raises(ConfigError, match=r"methods 'no-kd' .*'plain' .*all have role 'student-only'"):
+        expand(load_suite(write(tmp_path)), two)
+    plugin = tmp_path / "noroles.py"
+    plugin.write_text(ROLE_PLUGIN.format(later="").replace(', role="student-only"', ""))
+    none = Host(make_plugin_manager(autoload=False, builtins=CORE, extra=[str(plugin)]))
+    with pytest.raises(ConfigError, match="exactly one registered method must have role 'student-only'.*found none"):
+        expand(load_suite(write(tmp_path, ROLE_SUITE)), none)
+
+
+def test_later_loss_and_rule_options_at_their_default_keep_run_ids(tmp_path):
+    """``kdbench.option(..., id_default=...)`` keeps published ids for loss and rule options too."""
+    path = write(tmp_path, ROLE_SUITE)
+    before = [c.run_id for c in expand(load_suite(path), role_host(tmp_path))]
+    later = role_host(tmp_path, later=True)
+    assert [c.run_id for c in expand(load_suite(path), later)] == before
+    moved = [c.run_id for c in expand(load_suite(path, ['loss.r-kd.new="x"']), later)]
+    assert [a == b for a, b in zip(before, moved, strict=True)] == [True, False, False, True]
+    moved = [c.run_id for c in expand(load_suite(path, ['teacher_update.still.new="x"']), later)]
+    assert [a == b for a, b in zip(before, moved, strict=True)] == [True, False, False, False]
 
 
 def test_all_errors_at_once(host, tmp_path):

@@ -1,4 +1,4 @@
-"""kdbench.data: TensorSplit batching, carving, validation, tokenisation and its cache."""
+"""kdbench.engine.data: TensorSplit batching, carving, validation, tokenisation and its cache."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import kdbench.data as kd
-from kdbench.data import TensorSplit, prepare_data, stratified_choice
-from kdbench.errors import DataError, PluginError
-from kdbench.taskopts import DataOptions, SourceOptions, TextDataOptions, data_options
-from kdbench.types import NoConfig, Task
+import kdbench.engine.tokens as kd
+from kdbench.contract.errors import DataError, PluginError
+from kdbench.contract.taskopts import DataOptions, SourceOptions, TextDataOptions, data_options
+from kdbench.contract.tensors import TensorSplit, stratified_choice
+from kdbench.contract.types import NoConfig, Task
+from kdbench.engine.data import prepare_data
 from kdbench_builtins.tasks_toy import REVIEW_DOMAINS, Digits, DigitsConfig, Reviews, ReviewsConfig
 
 torch.set_num_threads(1)
@@ -259,7 +260,7 @@ def test_data_options_one_typed_default() -> None:
     text = {f.name for f in dataclasses.fields(TextDataOptions)}
     assert text == {"max_seq_length", "max_train_examples", "quiz_fraction", "data_seed", "heldout_fraction"}
     # heldout_fraction (added after v1 results) stays out of run ids at its default only
-    from kdbench.options import identity
+    from kdbench.contract.options import identity
     assert "heldout_fraction" not in identity(GlueConfig())
     assert identity(GlueConfig(heldout_fraction=0.1))["heldout_fraction"] == 0.1
     for cfg in (GlueConfig(), AmazonConfig(), ReviewsConfig()):
@@ -295,7 +296,7 @@ def test_toy_digits_vision_pipeline() -> None:
 
 @needs_hf
 def test_toy_reviews_meta_train_excludes_every_domains_quiz_rows(tok: Any) -> None:
-    from kdbench.checkpoints import tensor_digest
+    from kdbench.engine.checkpoints import tensor_digest
 
     task = Reviews(ReviewsConfig(max_seq_length=32))
     td = prepare_data(task, tokenizer=tok)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_fault_tolerance import Interrupt, InterruptAt
 
-from kdbench.config import load_suite
-from kdbench.diagnostics import divergence, trivial_baseline
-from kdbench.executors import LocalExecutor, MatrixContext, pending
-from kdbench.manager import Host
-from kdbench.plan import expand
+from kdbench.engine.config import load_suite
+from kdbench.engine.diagnostics import divergence, trivial_baseline
+from kdbench.engine.executors import MatrixContext, pending
+from kdbench.engine.local import LocalExecutor
+from kdbench.engine.manager import Host
+from kdbench.engine.plan import expand
 from kdbench.testing import tiny_suite
 
 TEACHER_KEYS = {"teacher/dev/accuracy", "teacher/dev/kl", "teacher/drift"}

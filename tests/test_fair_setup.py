@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from kdbench.config import TrainConfig, load_suite, train_for_task
-from kdbench.data import prepare_data
-from kdbench.errors import ConfigError, DataError
-from kdbench.manager import Host
-from kdbench.plan import expand
+from kdbench.contract.errors import ConfigError, DataError
+from kdbench.contract.spec import TrainConfig
+from kdbench.engine.config import load_suite, train_for_task
+from kdbench.engine.data import prepare_data
+from kdbench.engine.manager import Host
+from kdbench.engine.plan import expand
 from kdbench.testing import tiny_suite
 from kdbench_builtins.models_text import HFConfig, HFModel, char_tokenizer, resolve_pooling
 from kdbench_builtins.students import PickLayers, PickLayersConfig

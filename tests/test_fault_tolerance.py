@@ -1,6 +1,6 @@
 """Fault tolerance of the runner: kill -9 and resume, NaN -> diverged, OOM retry, --retry-failed.
 
-The kill test runs the real CLI in subprocesses; the others run ``kdbench.cli.main`` in-process
+The kill test runs the real CLI in subprocesses; the others run ``kdbench.cli.main.main`` in-process
 with a test plugin written to a .py file and loaded with ``-p`` (exactly as a user would).
 """
 
@@ -22,15 +22,16 @@ from typing import Any
 import pytest
 import torch
 
-from kdbench.checkpoints import load_state
-from kdbench.cli import main
-from kdbench.config import load_suite
-from kdbench.errors import ExitCode
-from kdbench.executors import LocalExecutor, MatrixContext, pending
-from kdbench.hookspecs import hookimpl
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.plan import expand
-from kdbench.results import load_results, read_result
+from kdbench.cli.main import main
+from kdbench.contract.errors import ExitCode
+from kdbench.contract.hookspecs import hookimpl
+from kdbench.engine.checkpoints import load_state
+from kdbench.engine.config import load_suite
+from kdbench.engine.executors import MatrixContext, pending
+from kdbench.engine.local import LocalExecutor
+from kdbench.engine.manager import Host, make_plugin_manager
+from kdbench.engine.plan import expand
+from kdbench.report.results import load_results, read_result
 from kdbench.testing import tiny_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +84,8 @@ PLUGIN = textwrap.dedent('''\
 
     import torch
 
-    from kdbench.hookspecs import hookimpl
-    from kdbench.types import Method
+    from kdbench.contract.hookspecs import hookimpl
+    from kdbench.contract.rules import Method
     from kdbench_builtins.losses import CrossEntropy
 
 

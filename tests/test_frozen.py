@@ -7,7 +7,8 @@ import dataclasses
 
 import torch
 
-from kdbench.types import Batch, Method, NoConfig, StepContext, Task, TeacherUpdate, config_fields
+from kdbench.contract.rules import Method, StepContext, TeacherUpdate
+from kdbench.contract.types import Batch, NoConfig, Task, config_fields
 from kdbench_builtins import frozen
 from kdbench_builtins.frozen import Frozen
 from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig, pkd_layer_map
@@ -85,7 +86,7 @@ def test_frozen_methods_registered_with_valid_defaults() -> None:
         cfg_cls(**m.defaults.get("loss", {}))
     skip = PKDConfig(**by_name["pkd-skip"].defaults["loss"])
     last = PKDConfig(**by_name["pkd-last"].defaults["loss"])
-    # methods.md §3.3 predefined PKD-skip run
+    # PKD's predefined PKD-skip run (get_predefine_argv)
     assert (skip.alpha, skip.beta, skip.temperature, skip.normalize) == (0.7, 500.0, 10.0, True)
     assert dataclasses.replace(skip, layer_map="last") == last
     assert [i for _, i in pkd_layer_map(12, 6, skip.layer_map)] == [2, 4, 6, 8, 10]

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import kdbench
-from kdbench import hookspecs
-from kdbench.config import load_suite
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.plan import expand
+from kdbench.contract import hookspecs
+from kdbench.engine.config import load_suite
+from kdbench.engine.manager import Host, make_plugin_manager
+from kdbench.engine.plan import expand
 
 HOOKS = [n for n, f in vars(hookspecs).items() if n.startswith("kdbench_") and callable(f)]
 FAKE = str(Path(__file__).with_name("fakeplugin.py"))
-CORE = ("kdbench.runner", "kdbench.leaderboard", "kdbench.executors")
+CORE = ("kdbench.engine.runner", "kdbench.report.leaderboard", "kdbench.engine.local")
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -76,7 +76,7 @@ def test_hook_register_methods():
 
 
 def test_hook_register_executors():
-    from kdbench.executors import LocalExecutor
+    from kdbench.engine.local import LocalExecutor
 
     _registers("executors", type("E", (LocalExecutor,), {"name": "e"}))
 
@@ -130,7 +130,7 @@ def test_hook_run_cell(make_host, run_tiny):
     @kdbench.hookimpl
     def kdbench_run_cell(spec, ctx):
         if spec.method == "kd":
-            from kdbench.results import new_result
+            from kdbench.report.results import new_result
 
             r = new_result(spec)
             r.update(status="n-a", reason="replaced by a plugin")

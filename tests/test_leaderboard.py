@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.errors import DataError
-from kdbench.leaderboard import bootstrap_ci
-from kdbench.publish import render_markdown
-from kdbench.results import SCHEMA_VERSION, load_results, write_result
+from kdbench.contract.errors import DataError
+from kdbench.report.leaderboard import bootstrap_ci
+from kdbench.report.publish import render_markdown
+from kdbench.report.results import SCHEMA_VERSION, load_results, write_result
 
 GOLDEN = Path(__file__).with_name("golden") / "leaderboard.md"
+ROLES = {"baseline_method": "kd", "no_kd_method": "no-kd"}  # as a plan file of the built-ins names them
 NUM = re.compile(r"[-+]?\d+\.\d+|[-+]?\d+")
 
 
@@ -56,12 +57,12 @@ def numbers_match(got: str, want: str, tol: float = 0.051) -> None:
 
 def test_golden_markdown(board):
     text = render_markdown(board, "golden", {"source": "results/golden", "kdbench_version": "0.1.0",
-                                             "description": "golden fixture"})
+                                             "description": "golden fixture", **ROLES})
     numbers_match(text, GOLDEN.read_text())
 
 
 def test_content(board):
-    text = render_markdown(board, "golden", {"source": "results/golden"})
+    text = render_markdown(board, "golden", {"source": "results/golden", **ROLES})
     assert "do not edit" in text.splitlines()[0]
     assert "61.0 ± 1.0 (3)" in text  # kd on rte: 60, 61, 62
     assert "failed [1]" not in text and "[1] metadistil on glue/cola: failed (1/3 cells): RuntimeError: boom" in text
@@ -82,7 +83,7 @@ def test_bootstrap_interval():
 
 
 def test_three_seed_intervals_are_labelled_as_ranges(board):
-    text = render_markdown(board, "golden", {"source": "results/golden"})
+    text = render_markdown(board, "golden", {"source": "results/golden", **ROLES})
     assert "With 3 seeds this interval is exactly the range of the per-seed differences" in text
 
 
@@ -101,7 +102,7 @@ def test_same_cell_under_two_configurations_is_refused(tmp_path):
 
 
 def test_cost_plot_written_and_embedded(board, tmp_path):
-    from kdbench.plots import plot_cost
+    from kdbench.report.plots import plot_cost
 
     png = tmp_path / "golden.png"
     assert plot_cost(board, "golden", str(png)) and png.read_bytes()[:4] == b"\x89PNG"
@@ -112,17 +113,18 @@ def test_cost_plot_written_and_embedded(board, tmp_path):
 def test_coverage_lists_the_planned_cells_without_results(tmp_path):
     import pandas as pd
 
-    from kdbench.config import load_suite
-    from kdbench.manager import Host
-    from kdbench.plan import expand
-    from kdbench.publish import coverage, coverage_section
-    from kdbench.results import read_plan, write_plan
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.manager import Host
+    from kdbench.engine.plan import expand, plan_facts
+    from kdbench.report.publish import coverage, coverage_section
+    from kdbench.report.results import read_plan, write_plan
     from kdbench.testing import tiny_suite
 
     path = tiny_suite(tmp_path / "t.toml", "kd")
     path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
     suite = load_suite(str(path))
-    write_plan(tmp_path / "r", suite, expand(suite, Host.create(autoload=False)))
+    host = Host.create(autoload=False)
+    write_plan(tmp_path / "r", plan_facts(suite, host), expand(suite, host))
     board = pd.DataFrame([{"method": "kd", "task": "toy/reviews", "student": "bert-l1", "teacher_name": "bert", "seed": 0},
                           {"method": "teacher", "task": "toy/reviews", "student": "", "teacher_name": "bert", "seed": 0}])
     cov = coverage(read_plan(tmp_path / "r")["cells"], board)

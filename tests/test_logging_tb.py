@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import types
 
-from kdbench import logging_tb
+from kdbench.engine import logging_tb
 
 
 class FakeWriter:

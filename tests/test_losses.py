@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.errors import ConfigError, NotApplicable
-from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, Task
+from kdbench.contract.errors import ConfigError, NotApplicable
+from kdbench.contract.types import Batch, KDModel, ModelOutput, NoConfig, Task
 from kdbench_builtins import losses
 from kdbench_builtins.losses import (
     CrossEntropy,
@@ -150,7 +150,7 @@ def test_kd_bfloat16_logits_are_computed_in_float32() -> None:
 @pytest.mark.parametrize(("key", "value"), [("reduction", "sum"), ("soft_loss", "js"), ("alpha", 1.5),
                                             ("temperature", 0.0)])
 def test_kd_config_errors_name_the_key(key: str, value: object) -> None:
-    from kdbench.config import build_config
+    from kdbench.engine.config import build_config
 
     problems: list[str] = []
     build_config(KDConfig, [{key: value}], "[loss.kd]", problems)

@@ -1,11 +1,12 @@
-"""MetaDistil: meta-gradient correctness (finite differences, both implementations), student
-untouched, gating, state round trip, the SDPA double-backward pitfall. Rules are driven by a
-hand-built StepContext (no runner)."""
+"""MetaDistil: meta-gradient correctness (finite differences, both implementations, SGD and Adam
+pilots), student untouched, gating, state round trip, the SDPA double-backward pitfall, run ids.
+Rules are driven by a hand-built StepContext (no runner)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -14,8 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdbench.errors import ConfigError, NotApplicable
-from kdbench.types import Batch, KDModel, ModelOutput, NoConfig, QuizStream, StepContext, Task
+from kdbench import (
+    Batch,
+    ConfigError,
+    KDModel,
+    ModelOutput,
+    NoConfig,
+    NotApplicable,
+    QuizStream,
+    StepContext,
+    Task,
+)
 from kdbench_builtins import metadistil
 from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig
 from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
@@ -172,7 +182,37 @@ def _quiz_after_pilot(ctx: StepContext, t_params: dict[str, Tensor], lam: float)
     return (total / len(ctx.quiz.batches)).detach()  # type: ignore[union-attr]
 
 
-def _check_against_finite_differences(ctx: StepContext, g: Tensor, lam: float = 0.5, eps: float = 1e-5) -> None:
+def _quiz_after_real_step(ctx: StepContext, t_params: dict[str, Tensor]) -> Tensor:
+    """Written out independently: quiz loss after the student optimizer's own step (on copies of the
+    student and of the optimizer with its state; no clipping), as a function of θ_T."""
+    student = copy.deepcopy(ctx.student)
+    pos = {id(p): i for i, p in enumerate(ctx.student.parameters())}
+    params = list(student.parameters())
+    groups = [{"params": [params[pos[id(p)]] for p in g["params"]]} for g in ctx.student_opt.param_groups]
+    opt = type(ctx.student_opt)(groups)
+    opt.load_state_dict(copy.deepcopy(ctx.student_opt.state_dict()))  # hyperparameters and moments
+    student.train()
+    ctx.teacher.eval()
+    with torch.no_grad():
+        t = functional_call(ctx.teacher, (t_params, dict(ctx.teacher.named_buffers())), (ctx.batch.inputs,),  # type: ignore[union-attr]
+                            {"want": ctx.want})
+    sum(ctx.loss(student(ctx.batch.inputs, want=ctx.want), t, ctx.batch).values()).backward()  # type: ignore[union-attr]
+    opt.step()
+    student.eval()
+    with torch.no_grad():
+        logits = [(student(q.inputs).logits, q.labels) for q in ctx.quiz.batches]  # type: ignore[union-attr]
+    return torch.stack([F.mse_loss(z.squeeze(-1), y) if ctx.task.is_regression else F.cross_entropy(z, y)
+                        for z, y in logits]).mean()
+
+
+def _check_against_finite_differences(ctx: StepContext, g: Tensor, lam: float = 0.5, eps: float = 1e-5,
+                                      after: Callable[[dict[str, Tensor]], Tensor] | None = None,
+                                      richardson: bool = False) -> float:
+    """Central differences of the quiz loss (``after``: a function of θ_T, default the SGD pilot at
+    ``lam``) along g and 3 random directions, optionally Richardson-extrapolated from ``eps`` and
+    ``eps/2`` (error O(eps⁴)); returns the largest relative difference."""
+    quiz = after or (lambda t: _quiz_after_pilot(ctx, t, lam))
+    worst = 0.0
     names = [n for n, _ in ctx.teacher.named_parameters()]
     base = [p.detach() for _, p in ctx.teacher.named_parameters()]
     gen = torch.Generator().manual_seed(123)
@@ -180,10 +220,15 @@ def _check_against_finite_differences(ctx: StepContext, g: Tensor, lam: float = 
     for d in dirs:
         d = d / d.norm()
         chunks = torch.split(d, [p.numel() for p in base])
-        shifted = [{n: p + s * eps * c.view_as(p) for n, p, c in zip(names, base, chunks)} for s in (1, -1)]
-        fd = (_quiz_after_pilot(ctx, shifted[0], lam) - _quiz_after_pilot(ctx, shifted[1], lam)) / (2 * eps)
+        def central(h: float, chunks: tuple[Tensor, ...] = chunks) -> Tensor:
+            shifted = [{n: p + s * h * c.view_as(p) for n, p, c in zip(names, base, chunks)} for s in (1, -1)]
+            return (quiz(shifted[0]) - quiz(shifted[1])) / (2 * h)
+
+        fd = (4 * central(eps / 2) - central(eps)) / 3 if richardson else central(eps)
         exact = (g @ d).item()
         assert abs(fd.item() - exact) <= 1e-4 * abs(exact), (fd.item(), exact)
+        worst = max(worst, abs(fd.item() - exact) / abs(exact))
+    return worst
 
 
 @pytest.mark.parametrize("setup", ["bert-kd", "bert-pkd", "bert-regression", "cnn"])
@@ -217,6 +262,68 @@ def test_meta_gradient_resnet8_both_implementations_agree() -> None:
     g1 = _meta_grad(ctx, meta_grad="first_order_exact", quiz_batches=1)
     assert g2.norm() > 0 and ((g1 - g2).norm() / g2.norm()).item() < 1e-8
     _check_against_finite_differences(ctx, g2)
+
+
+def _adam_student(ctx: StepContext, opt: str = "adamw", steps: int = 3, lr: float = 1e-3) -> None:
+    """Give the student an Adam/AdamW optimizer (two groups: matrices with weight decay, the rest
+    without and at twice the lr) and take ``steps`` real steps on the pilot batch, so m, v ≠ 0."""
+    params = list(ctx.student.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.01},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": 2 * lr}]
+    ctx.student_opt = (torch.optim.AdamW if opt == "adamw" else torch.optim.Adam)(groups, lr=lr)
+    ctx.student.train()
+    with torch.no_grad():
+        t = ctx.teacher(ctx.batch.inputs, want=ctx.want)  # type: ignore[union-attr]
+    for _ in range(steps):
+        ctx.student_opt.zero_grad()
+        sum(ctx.loss(ctx.student(ctx.batch.inputs, want=ctx.want), t, ctx.batch).values()).backward()  # type: ignore[union-attr]
+        ctx.student_opt.step()
+    ctx.student_opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("setup", ["bert-kd", "bert-pkd-adam-l2", "bert-regression", "cnn", "cnn-first-step"])
+def test_adam_pilot_meta_gradient_matches_the_real_optimizer_step(setup: str) -> None:
+    """pilot="adam": both implementations agree, and match central differences of the quiz loss
+    after the student optimizer's *own* step (torch's AdamW/Adam on a copy, its moments included)."""
+    ctx = {"bert-kd": lambda: _text_setup("kd"), "bert-pkd-adam-l2": lambda: _text_setup("pkd", student_layers=2),
+           "bert-regression": lambda: _text_setup("kd", TextReg), "cnn": _cnn_setup,
+           "cnn-first-step": _cnn_setup}[setup]()
+    first = setup.endswith("first-step")  # m = v = 0, step 0: u ≈ sign(g), ∂u/∂g = eps/(|g|+eps)²
+    _adam_student(ctx, "adam" if setup.endswith("-l2") else "adamw", steps=0 if first else 3)
+    g2 = _meta_grad(ctx, pilot="adam", meta_grad="second_order")
+    g1 = _meta_grad(ctx, pilot="adam", meta_grad="first_order_exact", jvp="forward")
+    gfd = _meta_grad(ctx, pilot="adam", meta_grad="first_order_exact", jvp="finite_difference", fd_eps=1e-4)
+    assert torch.isfinite(g2).all() and g2.norm() > 0
+    assert ((g1 - g2).norm() / g2.norm()).item() < (1e-6 if first else 1e-8)
+    assert ((gfd - g2).norm() / g2.norm()).item() < (1e-3 if first else 1e-4)
+    sgd = _meta_grad(ctx, pilot="sgd", pilot_lr=1e-3)
+    assert ((sgd - g2).norm() / g2.norm()).item() > 1e-2  # the preconditioner matters
+    if first:  # too kinked for differences of the quiz loss
+        return
+    quiz = lambda t: _quiz_after_real_step(ctx, t)  # noqa: E731
+    # the quiz loss moves by one Adam step (~lr) only: small eps hit roundoff, large ones curvature
+    _check_against_finite_differences(ctx, g2, eps=1e-4, after=quiz, richardson=True)
+    _check_against_finite_differences(ctx, g1, eps=1e-4, after=quiz, richardson=True)
+
+
+def test_adam_pilot_rejects_other_optimizers_and_sgd_pilot_ignores_the_optimizer() -> None:
+    ctx = _text_setup("kd")
+    base = _meta_grad(ctx)
+    assert torch.equal(_meta_grad(ctx, pilot="sgd"), base)
+    _adam_student(ctx, lr=0.0)  # moments filled, parameters unchanged (lr 0: no step, no decay)
+    assert all(ctx.student_opt.state[p]["exp_avg"].abs().sum() > 0 for p in ctx.student.parameters())
+    assert torch.equal(_meta_grad(ctx), base)  # the SGD pilot never reads the optimizer
+    ctx.student_opt = torch.optim.SGD(ctx.student.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ConfigError, match=r"teacher_update\.metadistil\.pilot = 'adam'.*SGD.*'sgd', 'adam'"):
+        MetaDistil(MetaDistilConfig(pilot="adam")).prepare(ctx)
+    ctx.student_opt = torch.optim.AdamW(ctx.student.parameters(), amsgrad=True)
+    with pytest.raises(ConfigError, match="amsgrad"):
+        MetaDistil(MetaDistilConfig(pilot="adam")).prepare(ctx)
+    ctx.student_opt = torch.optim.AdamW(list(ctx.student.parameters())[1:])
+    with pytest.raises(ConfigError, match="does not hold"):
+        MetaDistil(MetaDistilConfig(pilot="adam")).prepare(ctx)
+    ctx.student_opt = torch.optim.Adam(ctx.student.parameters())
+    MetaDistil(MetaDistilConfig(pilot="adam")).prepare(ctx)  # Adam (L2 decay) is mirrored too
 
 
 def test_implementations_agree_with_dropout_and_keep_global_rng() -> None:
@@ -353,11 +460,13 @@ def test_not_applicable_and_config_errors() -> None:
     ctx.quiz = None
     with pytest.raises(ConfigError, match="quiz"):
         MetaDistil(MetaDistilConfig()).prepare(ctx)
-    from kdbench.config import build_config
+    from kdbench.engine.config import build_config
 
     problems: list[str] = []  # checked at plan time, before anything trains
-    build_config(MetaDistilConfig, [{"meta_grad": "third_order", "every": 0}], "[teacher_update.metadistil]", problems)
+    build_config(MetaDistilConfig, [{"meta_grad": "third_order", "every": 0, "pilot": "lion"}],
+                 "[teacher_update.metadistil]", problems)
     assert any("meta_grad = 'third_order'" in p for p in problems)
+    assert any("pilot = 'lion' is not allowed; use one of 'sgd', 'adam'" in p for p in problems)
     assert any("every = 0 must be >= 1" in p for p in problems)
     assert MetaDistil.needs_quiz and MetaDistil.changes_teacher
 
@@ -375,6 +484,33 @@ def test_registration() -> None:
     KDConfig(**by_name["metadistil"].defaults["loss"])  # defaults are valid loss options
     PKDConfig(**by_name["metadistil-pkd"].defaults["loss"])
     MetaDistilConfig(**by_name["metadistil"].defaults.get("teacher_update", {}))
+    adam = by_name["metadistil-adam"]
+    assert (adam.loss, adam.teacher_update) == ("kd", "metadistil")
+    assert adam.defaults["loss"] == by_name["metadistil"].defaults["loss"]
+    assert MetaDistilConfig(**adam.defaults["teacher_update"]).pilot == "adam"
+    assert "kdbench variant" in adam.description and "not in the paper" in adam.description
+
+
+def test_pilot_option_leaves_published_run_ids_unchanged(make_host: Any, tmp_path: Any) -> None:
+    """``pilot`` came after published results: at "sgd" a cell's run id is what it was before the
+    option existed (the same cell, hashed with the Config without the field); "adam" changes it."""
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.plan import expand, make_run_id
+    from kdbench.testing import tiny_suite
+
+    host = make_host()
+    cells = {}
+    for method in ("metadistil", "metadistil-adam"):
+        suite = load_suite(str(tiny_suite(tmp_path / f"{method}.toml", method)))
+        cells[method] = next(c for c in expand(suite, host) if c.method == method)
+    cell, cfg = cells["metadistil"], cells["metadistil"].teacher_update_cfg
+    assert cfg.pilot == "sgd" and cells["metadistil-adam"].teacher_update_cfg.pilot == "adam"
+    before = dataclasses.make_dataclass("MetaDistilConfig", [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(MetaDistilConfig) if f.name != "pilot"], frozen=True)
+    old = before(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(before)})
+    assert make_run_id(dataclasses.replace(cell, teacher_update_cfg=old)) == cell.run_id
+    assert make_run_id(dataclasses.replace(cell, teacher_update_cfg=dataclasses.replace(cfg, pilot="adam"))) != cell.run_id
 
 
 def test_frozen_teacher_metadistil_trains_exactly_like_kd(make_host: Any, run_tiny: Any) -> None:

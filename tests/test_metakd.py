@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kdbench import Batch, ConfigError, ModelOutput, NotApplicable, StepContext, Task
-from kdbench.config import TrainConfig
-from kdbench.data import TensorSplit
+from kdbench.contract.spec import TrainConfig
+from kdbench.contract.tensors import TensorSplit
 from kdbench_builtins import metakd
 from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 
@@ -65,7 +65,7 @@ def _ctx(loss_cfg: Any = None, *, resuming: bool = False, seed: int = 0) -> Step
         task=task, data=SimpleNamespace(splits={"train": train, "meta_train": meta}), quiz=None,
         generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
         train=TrainConfig(eval_batch_size=16),
-        stash={"pretrained_teacher": lambda: copy.deepcopy(pretrained), "resuming": resuming})
+        pretrained_teacher=lambda: copy.deepcopy(pretrained), resuming=resuming)
 
 
 def _rule(**kw: Any) -> metakd.MetaKD:
@@ -147,7 +147,7 @@ def _prepared(**kw: Any) -> tuple[StepContext, metakd.MetaKDLoss, dict[str, floa
 def test_prepare_trains_teacher_deterministically() -> None:
     ctx = _ctx()
     before = copy.deepcopy(ctx.teacher.state_dict())
-    pre = ctx.stash["pretrained_teacher"]().state_dict()
+    pre = ctx.pretrained_teacher().state_dict()
     rule = _rule(meta_epochs=2)
     metrics = rule.prepare(ctx)
     assert metrics["meta/steps"] == 12.0 and math.isfinite(metrics["meta/loss"])
@@ -178,7 +178,7 @@ def test_prepare_trains_teacher_deterministically() -> None:
 def test_meta_teacher_is_shared_across_domain_cells(tmp_path: Any) -> None:
     """One meta-teacher per (start weights, meta split, options, seed): the second domain's cell
     loads what the first trained, bit-identical to training it again; another seed trains anew."""
-    from kdbench.teachers import ArtifactStore
+    from kdbench.engine.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path)
     alone = _ctx()
@@ -306,7 +306,7 @@ def test_meta_kd_runs_end_to_end(make_host: Any, run_tiny: Any) -> None:
 
 
 def test_stage_schedule_restarts_lr_and_is_unchanged_without_stages() -> None:
-    from kdbench.loop import make_scheduler
+    from kdbench.engine.training import make_scheduler
 
     cfg = TrainConfig(warmup=0.1, lr=1.0)
 

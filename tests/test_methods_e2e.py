@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kdbench.manager import Host
+from kdbench.engine.manager import Host
 
-METHODS = ["kd", "pkd-skip", "pkd-last", "metadistil", "metadistil-pkd", "reptile-distil", "meta-kd", "no-kd"]
+METHODS = ["kd", "pkd-skip", "pkd-last", "metadistil", "metadistil-pkd", "metadistil-adam", "reptile-distil", "meta-kd", "no-kd"]
 # (status on toy/reviews (text, 3 domains), status on toy/digits (vision))
 EXPECTED = {"pkd-skip": ("ok", "n-a"), "pkd-last": ("ok", "n-a"), "metadistil-pkd": ("ok", "n-a"),
             "meta-kd": ("ok", "n-a")}  # reptile maps resnet14 -> resnet8 blocks of equal shape

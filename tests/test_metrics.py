@@ -1,4 +1,4 @@
-"""kdbench.metrics: evaluate modules loaded by path, equal to scikit-learn / scipy."""
+"""kdbench.contract.metrics: evaluate modules loaded by path, equal to scikit-learn / scipy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-import kdbench.metrics as km
+import kdbench.contract.metrics as km
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def test_accepts_tensors_and_score_skips_unlabelled_rows() -> None:
 
 
 def test_shared_correlation_helpers() -> None:
-    from kdbench.metrics.module import average_ranks, pearson, spearman
+    from kdbench.contract.metrics.module import average_ranks, pearson, spearman
 
     assert average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
     x, y = RNG.normal(size=50), RNG.normal(size=50)
@@ -83,7 +83,7 @@ def test_unknown_metric_and_length_mismatch() -> None:
 def test_evaluate_load_by_path_works_offline(tmp_path: Path) -> None:
     """A fresh process with the Hub switched off loads every module from its folder."""
     code = (
-        "import evaluate, kdbench.metrics as km\n"
+        "import evaluate, kdbench.contract.metrics as km\n"
         "for name in sorted({v[0] for v in km.METRICS.values()}):\n"
         "    m = evaluate.load(str(km.module_path(name)))\n"
         "    assert type(m).__module__.endswith(name), type(m).__module__\n"

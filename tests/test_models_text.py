@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.errors import ConfigError
+from kdbench.contract.errors import ConfigError
 from kdbench_builtins import models_text
 from kdbench_builtins.models_text import (
     HFConfig,
@@ -76,7 +76,7 @@ def test_tiny_bert_is_seeded_and_regression_aware() -> None:
 
 
 def test_init_output_bias_sets_the_one_output_head() -> None:
-    from kdbench.loop import init_output_bias
+    from kdbench.engine.training import init_output_bias
 
     model = TinyBert(TinyBertConfig()).build(1, gen(5))
     labels = torch.tensor([1.0, 2.0, 4.5, 0.5])
@@ -104,7 +104,7 @@ def test_flops_match_the_bert_base_figure() -> None:
 
     with torch.device("meta"):
         base = HFTextModel(BertForSequenceClassification(BertConfig()))
-    assert base.flops_per_example(128) == pytest.approx(22.35e9, rel=0.005)  # performance.md §1.1
+    assert base.flops_per_example(128) == pytest.approx(22.35e9, rel=0.005)  # 2·(4d² + 2df) + 4sd per token, × 128
 
 
 def test_hf_kind_local_bare_encoder_gets_seeded_head(tmp_path: Path) -> None:

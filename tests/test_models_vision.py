@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from kdbench.types import KDModel
+from kdbench.contract.types import KDModel
 from kdbench_builtins import models_vision
 from kdbench_builtins.models_vision import VISION_KINDS, WrnConfig
 
@@ -32,7 +32,7 @@ def test_registers_every_architecture() -> None:
 
 
 # Published parameter counts. CIFAR-100 heads: the CRD/DKD tables; CIFAR-10 heads: the
-# "CIFAR-pretrained-models" zoo (performance.md §4) and Zagoruyko's WRN-40-2 (2.2M).
+# "CIFAR-pretrained-models" zoo and Zagoruyko's WRN-40-2 (2.2M).
 @pytest.mark.parametrize(("name", "labels", "published"), [
     ("resnet56", 100, "0.86"), ("resnet56", 10, "0.86"), ("resnet20", 10, "0.27"),
     ("resnet20", 100, "0.28"), ("wrn-40-2", 10, "2.2"), ("wrn-40-2", 100, "2.26"),

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kdbench.cli import main
-from kdbench.errors import DataError
-from kdbench.publish import render, render_markdown
-from kdbench.results import SCHEMA_VERSION, load_results, read_plan, write_result
+from kdbench.cli.main import main
+from kdbench.contract.errors import DataError
+from kdbench.report.publish import render, render_markdown
+from kdbench.report.results import SCHEMA_VERSION, load_results, read_plan, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "kdbench-example"
+ROLES = {"baseline_method": "kd", "no_kd_method": "no-kd"}  # the built-in role methods, as plan files name them
 
 
 def result(method, task, seed, value, *, student="s1", selection="dev/accuracy", best=None, **extra):
@@ -60,43 +61,78 @@ def matrix(values: dict[str, float], task="toy/a", seeds=(0, 1, 2), **extra):
 
 
 def test_write_plan_merges_cells_by_run_id_and_newest_suite_facts(tmp_path):
-    from kdbench.config import load_suite
-    from kdbench.manager import Host
-    from kdbench.plan import expand
-    from kdbench.results import write_plan
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.manager import Host
+    from kdbench.engine.plan import expand, plan_facts
+    from kdbench.report.results import write_plan
     from kdbench.testing import tiny_suite
 
     host = Host.create(autoload=False)
     path = tiny_suite(tmp_path / "t.toml", "kd")
     first = load_suite(str(path))
-    write_plan(tmp_path / "r", first, expand(first, host))
+    write_plan(tmp_path / "r", plan_facts(first, host), expand(first, host))
     again = load_suite(str(path), ["suite.seeds=[1]", 'suite.description="second"'])
-    write_plan(tmp_path / "r", again, expand(again, host))
+    write_plan(tmp_path / "r", plan_facts(again, host), expand(again, host))
     plan = read_plan(tmp_path / "r")
     assert plan is not None and plan["suite"]["description"] == "second"
-    assert plan["suite"]["baseline_method"] == "kd" and plan["suite"]["suite_arg"] == str(path)
+    assert {k: plan["suite"][k] for k in ROLES} == ROLES and plan["suite"]["suite_arg"] == str(path)
     assert sorted((c["method"], c["seed"]) for c in plan["cells"]) == [("kd", 0), ("kd", 1), ("teacher", 0), ("teacher", 1)]
     assert len({c["run_id"] for c in plan["cells"]}) == 4
-    write_plan(tmp_path / "r", again, expand(again, host))  # re-planning the same cells adds none
+    write_plan(tmp_path / "r", plan_facts(again, host), expand(again, host))  # re-planning the same cells adds none
     assert len(read_plan(tmp_path / "r")["cells"]) == 4
     assert len(load_results(tmp_path / "r")) == 0  # plan.json is not a result file
 
 
-def test_old_plan_files_default_the_baseline_method(tmp_path):
-    write_plan_file(tmp_path, [])
-    assert read_plan(tmp_path)["suite"]["baseline_method"] == "kd"
+def test_old_plan_files_name_no_role_method_and_the_page_says_to_regenerate(tmp_path):
+    """A plan file written before the facts named the role methods: no default method name; the
+    page has no paired table, no no-KD ordering or headroom check, and says how to regenerate."""
+    write_plan_file(tmp_path / "r", [])
+    assert not set(ROLES) & set(read_plan(tmp_path / "r")["suite"])
+    board_of(tmp_path, matrix({"kd": 0.70, "no-kd": 0.795, "pkd": 0.75, "teacher": 0.80}))
+    page = render(tmp_path / "r")
+    assert "Paired difference" not in page and "Δ vs" not in page and "†" not in page
+    assert [m for m in re.findall(r"^\| (\S+) +\| \d", page, re.M)][:4] == ["kd", "no-kd", "pkd", "teacher"]
+    hint = f"`python -m kdbench.cli.planfile mine.toml {(tmp_path / 'r').as_posix()}`"
+    assert "the plan file does not name the reference and no-KD methods" in page and hint in page
+    write_plan_file(tmp_path / "r", [], **ROLES)  # regenerated: both come back
+    page = render(tmp_path / "r")
+    assert "Δ vs kd" in page and "does not name" not in page and "no-kd (79.6) is within 1 point" in page
+    assert [m for m in re.findall(r"^\| (\S+) +\| \d", page, re.M)][:4] == ["kd", "pkd", "no-kd", "teacher"]
     (tmp_path / "plan.json").write_text("{")
     with pytest.raises(DataError, match="unreadable plan file"):
         read_plan(tmp_path)
 
 
+def test_roles_with_other_names_order_pair_and_flag_by_those_names(tmp_path):
+    """A plugin set whose no-KD method is "plain" and reference method "base": the page, rendered
+    from the plan file alone, lists "plain" last before the teacher, pairs against "base", and
+    checks headroom with "plain"; "kd"/"no-kd" mean nothing to it."""
+    rows = (matrix({"alpha": 0.72, "base": 0.70, "plain": 0.60, "zeta": 0.74, "kd": 0.71, "teacher": 0.85})
+            + matrix({"alpha": 0.80, "base": 0.80, "plain": 0.796, "zeta": 0.80, "kd": 0.80, "teacher": 0.80},
+                     task="toy/b"))
+    board_of(tmp_path, rows)
+    write_plan_file(tmp_path / "r", [cell(m, t, s) for m in ("alpha", "base", "plain", "zeta", "kd", "teacher")
+                                     for t in ("toy/a", "toy/b") for s in (0, 1, 2)],
+                    baseline_method="base", no_kd_method="plain")
+    page = render(tmp_path / "r")
+    headline = page.split("## Student `s1` (best epoch)")[1].split("## ")[0]
+    table = headline.split("Paired difference")[0]
+    assert re.findall(r"^\| (\S+) +\| \d", table, re.M) == ["alpha", "base", "kd", "zeta", "plain", "teacher"]
+    assert "Paired difference to the reference method `base`" in headline and "Δ vs base" in headline
+    paired = headline.split("Paired difference")[1]
+    assert sorted(set(re.findall(r"^\| (\w+) +\| toy/", paired, re.M))) == ["alpha", "kd", "plain", "zeta"]
+    assert re.search(r"\| plain +\| toy/a dev/accuracy +\| -10\.00 \* ", paired)
+    assert "toy/b: plain (79.7) is within 1 point of the teacher (80.1)" in headline
+    assert "toy/b accuracy ↑ †" in table and "does not name" not in page
+
+
 def test_leaderboard_builds_no_plugin_manager(monkeypatch, capsys):
-    import kdbench.manager
+    import kdbench.engine.manager
 
     def refuse(**_):
         raise AssertionError("kdbench leaderboard built a plugin manager")
 
-    monkeypatch.setattr(kdbench.manager, "make_plugin_manager", refuse)
+    monkeypatch.setattr(kdbench.engine.manager, "make_plugin_manager", refuse)
     monkeypatch.chdir(REPO)
     assert main(["leaderboard", "--check"]) == 0
 
@@ -154,7 +190,7 @@ def test_unreadable_result_files_are_named_and_the_rest_rendered(tmp_path):
 
 
 def test_no_headroom_when_the_teacher_is_no_better_than_the_trivial_baseline(tmp_path):
-    from kdbench.leaderboard import method_table, no_headroom, primary_columns, student_rows
+    from kdbench.report.leaderboard import method_table, no_headroom, primary_columns, student_rows
 
     signal = matrix({"kd": 0.70, "metadistil": 0.75, "no-kd": 0.60, "teacher": 0.90}, task="toy/a",
                     baseline={"dev/accuracy": 0.5})
@@ -163,25 +199,27 @@ def test_no_headroom_when_the_teacher_is_no_better_than_the_trivial_baseline(tmp
     board = board_of(tmp_path, signal + noise)
     sub = student_rows(board, "s1")
     cols = primary_columns(sub)
-    flagged = no_headroom(sub, cols)
+    flagged = no_headroom(sub, cols, "no-kd")
     assert list(flagged) == [("toy/noise", "dev/accuracy")]
     assert "within 5 points of the trivial baseline (50.0)" in flagged[("toy/noise", "dev/accuracy")]
-    table = method_table(board, "s1", "best", [], cols, flagged).set_index("Method")
+    table = method_table(board, "s1", "best", [], cols, flagged, "no-kd").set_index("Method")
     assert table.loc["metadistil", "Avg ↑"] == "75.1"  # toy/a only: toy/noise is out of the average
     assert table.loc["metadistil", "toy/noise accuracy ↑ †"] == "60.1 ± 0.1 (3)"  # still shown
     assert table.loc["trivial baseline", "toy/a accuracy ↑"] == "50.0 ± 0.0 (3)"
-    page = render_markdown(board, "mine", {})
+    page = render_markdown(board, "mine", ROLES)
     assert "toy/noise: the teacher (52.1) is within 5 points of the trivial baseline (50.0)" in page
     assert re.search(r"\| metadistil +\| toy/a dev/accuracy +\| \+5\.00 \* ", page)
     assert re.search(r"\| metadistil +\| toy/noise dev/accuracy † +\| \+10\.00 +\|", page)  # no * mark
 
 
 def test_no_headroom_when_no_kd_reaches_the_teacher(tmp_path):
-    from kdbench.leaderboard import no_headroom, primary_columns, student_rows
+    from kdbench.report.leaderboard import no_headroom, primary_columns, student_rows
 
     board = board_of(tmp_path, matrix({"kd": 0.80, "no-kd": 0.795, "teacher": 0.80}))  # old files: no baseline
     sub = student_rows(board, "s1")
-    assert "no-kd (79.6) is within 1 point of the teacher (80.1)" in no_headroom(sub, primary_columns(sub))[("toy/a", "dev/accuracy")]
+    cols = primary_columns(sub)
+    assert "no-kd (79.6) is within 1 point of the teacher (80.1)" in no_headroom(sub, cols, "no-kd")[("toy/a", "dev/accuracy")]
+    assert no_headroom(sub, cols) == {}  # which method is the no-KD row comes from the plan, not from a name
 
 
 def test_headline_uses_the_heldout_selection_and_reports_dev(tmp_path):
@@ -190,7 +228,7 @@ def test_headline_uses_the_heldout_selection_and_reports_dev(tmp_path):
             for m, v in {"kd": 0.70, "no-kd": 0.60, "teacher": 0.85}.items() for s in (0, 1)]
     for r in rows:
         r["metrics"]["best_on_dev"] = {"dev/accuracy": r["metrics"]["best"]["dev/accuracy"] + 0.05}
-    page = render_markdown(board_of(tmp_path, rows), "mine", {})
+    page = render_markdown(board_of(tmp_path, rows), "mine", ROLES)
     sections = page.split("## Student ")
     headline = next(s for s in sections if s.startswith("`s1` (best epoch)"))
     on_dev = next(s for s in sections if s.startswith("`s1` (best epoch on dev)"))
@@ -208,10 +246,10 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
                                   "teacher/param_drift": 1.5}
             r["extra"]["changes_teacher"] = True
     board = board_of(tmp_path, rows)
-    page = render_markdown(board, "mine", {"baseline_method": "no-kd"})
-    assert "Paired difference to `no-kd`" in page and "Δ vs no-kd" in page and "Δ vs kd" not in page
+    page = render_markdown(board, "mine", {**ROLES, "baseline_method": "no-kd"})
+    assert "Paired difference to the reference method `no-kd`" in page and "Δ vs no-kd" in page and "Δ vs kd" not in page
     assert re.search(r"\| kd +\| toy/a dev/accuracy +\| \+10\.00 \* ", page)
     assert re.search(r"\| metadistil +\| toy/a dev/accuracy +\| 85\.1 ± 0\.1 \(3\) +\| 80\.0 ± 0\.0 \(3\) +\| "
                      r"0\.0123 +\| 1\.5 +\| 3 ", page)
-    write_plan_file(tmp_path / "r", [], baseline_method="no-kd")
+    write_plan_file(tmp_path / "r", [], **{**ROLES, "baseline_method": "no-kd"})
     assert "Δ vs no-kd" in render(tmp_path / "r")

@@ -24,12 +24,12 @@ def test_committed_leaderboards_are_generated():
 
 def test_committed_plan_files_match_their_shipped_suites(tmp_path):
     """Pages render from plan files only; a plan file must be what the shipped suite plans to with
-    the built-in plugins (after editing a suite: `python -m kdbench.publish SUITE DIR`, then
-    `kdbench leaderboard`)."""
-    from kdbench.config import load_suite
-    from kdbench.manager import Host
-    from kdbench.plan import expand
-    from kdbench.results import PLAN_FILE, read_plan, write_plan
+    the built-in plugins (after editing a suite: delete DIR/plan.json, `python -m kdbench.cli.planfile
+    SUITE DIR`, then `kdbench leaderboard`)."""
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.manager import Host
+    from kdbench.engine.plan import expand, plan_facts
+    from kdbench.report.results import PLAN_FILE, read_plan, write_plan
 
     host = Host.create(autoload=False)
     plans = sorted((REPO / "leaderboards").glob(f"*/*/{PLAN_FILE}"))
@@ -38,7 +38,23 @@ def test_committed_plan_files_match_their_shipped_suites(tmp_path):
         plan = read_plan(path.parent)
         assert plan is not None
         suite = load_suite(plan["suite"]["suite_arg"])
-        fresh = write_plan(tmp_path / path.parent.name, suite, expand(suite, host))
+        fresh = write_plan(tmp_path / path.parent.name, plan_facts(suite, host), expand(suite, host))
         assert fresh.read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
-            f"{path} is stale. Hint: KDBENCH_DISABLE_PLUGIN_AUTOLOAD=1 python -m kdbench.publish "
-            f"{suite.name} {path.parent.relative_to(REPO)}")
+            f"{path} is stale. Hint: rm {path.relative_to(REPO)} && KDBENCH_DISABLE_PLUGIN_AUTOLOAD=1 "
+            f"python -m kdbench.cli.planfile {suite.name} {path.parent.relative_to(REPO)}")
+
+
+def test_planfile_tool_writes_the_committed_plan(tmp_path, capsys):
+    """``python -m kdbench.cli.planfile SUITE DIR`` (the tool that wrote the committed plan files)
+    writes DIR/plan.json; a bad suite is one error line and a non-zero exit."""
+    from kdbench.cli.planfile import main
+    from kdbench.report.results import PLAN_FILE
+
+    committed = REPO / "leaderboards" / "results" / "quickstart" / PLAN_FILE
+    if not committed.is_file():
+        pytest.skip("no published quickstart plan in this checkout")
+    assert main(["quickstart", str(tmp_path / "q")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "q" / PLAN_FILE)
+    assert (tmp_path / "q" / PLAN_FILE).read_text(encoding="utf-8") == committed.read_text(encoding="utf-8")
+    assert main(["no-such-suite", str(tmp_path / "x")]) != 0
+    assert capsys.readouterr().err.startswith("kdbench: error: ") and not (tmp_path / "x").exists()

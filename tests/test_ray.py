@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from kdbench.config import load_suite
-from kdbench.executors import HostArgs, LocalExecutor, MatrixContext
-from kdbench.hookspecs import hookimpl
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.plan import expand
-from kdbench.results import load_results, read_result, result_path
+from kdbench.contract.hookspecs import hookimpl
+from kdbench.engine.config import load_suite
+from kdbench.engine.executors import HostArgs, MatrixContext
+from kdbench.engine.local import LocalExecutor
+from kdbench.engine.manager import Host, make_plugin_manager
+from kdbench.engine.plan import expand
+from kdbench.report.results import load_results, read_result, result_path
 from kdbench.testing import tiny_suite
 
 try:
@@ -39,8 +40,8 @@ CRASH_PLUGIN = textwrap.dedent('''\
     from dataclasses import dataclass
     from pathlib import Path
 
-    from kdbench.hookspecs import hookimpl
-    from kdbench.types import Method, TeacherUpdate
+    from kdbench.contract.hookspecs import hookimpl
+    from kdbench.contract.rules import Method, TeacherUpdate
 
 
     @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def test_dead_worker_is_retried_then_recorded_failed(tmp_path: Path, monkeypatch
 
 
 def test_bad_options_are_config_errors(tmp_path: Path, make_host: Callable[..., Host]) -> None:
-    from kdbench.errors import ConfigError
+    from kdbench.contract.errors import ConfigError
 
     host = make_host()
     cells = _cells(tmp_path, host, "[0]")
@@ -162,7 +163,7 @@ class InProcessOnly:
 
 
 def test_in_process_plugins_are_refused(tmp_path: Path, make_host: Callable[..., Host]) -> None:
-    from kdbench.errors import ConfigError
+    from kdbench.contract.errors import ConfigError
 
     host = make_host(InProcessOnly())
     cells = _cells(tmp_path, host, "[0]")

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 import kdbench
-from kdbench.errors import DuplicateNameError, PluginError, UnknownNameError
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.registry import Registry
+from kdbench.contract.errors import DuplicateNameError, PluginError, UnknownNameError
+from kdbench.contract.registry import Registry
+from kdbench.engine.manager import Host, make_plugin_manager
 
 FAKE = str(Path(__file__).with_name("fakeplugin.py"))
-CORE = ("kdbench.runner", "kdbench.leaderboard", "kdbench.executors")
+CORE = ("kdbench.engine.runner", "kdbench.report.leaderboard", "kdbench.engine.local")
 
 
 def fake_host(*extra: str) -> Host:
@@ -62,6 +62,38 @@ def test_builtins_register_everything():
     for name in ("kd", "pkd-skip", "pkd-last", "metadistil", "reptile-distil", "meta-kd", "no-kd"):
         assert name in host.methods, name
     assert "frozen" in host.teacher_updates and "local" in host.executors
+
+
+def test_builtin_modules_come_from_the_plugin_package_and_block_by_module_name():
+    """The host lists no built-in plugin module: ``kdbench_builtins.PLUGINS`` does; each is
+    registered (and blocked, ``-p no:MODULE``) under its module name."""
+    import kdbench_builtins
+    from kdbench.engine.manager import HOST_PLUGINS, builtin_plugins
+
+    assert builtin_plugins() == (*HOST_PLUGINS, *kdbench_builtins.PLUGINS)
+    pm = make_plugin_manager(autoload=False)
+    names = {n for n, p in pm.list_name_plugin() if p is not None}
+    assert set(kdbench_builtins.PLUGINS) <= names
+    blocked = Host(make_plugin_manager(autoload=False, blocked=["kdbench_builtins.metakd"]))
+    assert "meta-kd" not in blocked.methods and "kd" in blocked.methods
+
+
+def test_role_method_finds_the_one_holder_or_none(tmp_path):
+    host = Host(make_plugin_manager(autoload=False))
+    assert host.role_method("student-only").name == "no-kd" and host.role_method("reference").name == "kd"
+    assert host.role_method("no-such-role") is None
+    assert fake_host().role_method("reference") is None  # the fake plugin has no reference method
+    twin = tmp_path / "twin.py"
+    twin.write_text(textwrap.dedent("""
+        import kdbench
+        @kdbench.hookimpl
+        def kdbench_register_methods(register):
+            register(kdbench.Method("plain", "frozen", "ce", role="student-only"))
+    """))
+    with pytest.raises(PluginError) as err:
+        fake_host(str(twin)).role_method("student-only")
+    msg = str(err.value)
+    assert "'student-only'" in msg and "'plain'" in msg and str(twin) in msg and "-p no:" in msg
 
 
 def test_p_path_and_block(tmp_path):

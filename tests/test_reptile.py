@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench import Batch, ConfigError, DistillLoss, ModelOutput, NotApplicable, StepContext, Task
-from kdbench.config import TrainConfig
+from kdbench.contract.spec import TrainConfig
 from kdbench_builtins import reptile
 from kdbench_builtins.models_text import TinyBert, TinyBertConfig
 
@@ -304,8 +304,8 @@ def test_picked_map_follows_a_pick_layers_student() -> None:
 
 
 def test_picked_map_is_rejected_at_plan_time_for_whole_students(tmp_path: Any, make_host: Any) -> None:
-    from kdbench.config import load_suite
-    from kdbench.plan import expand
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.plan import expand
     from kdbench.testing import tiny_suite
 
     host = make_host()

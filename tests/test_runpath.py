@@ -14,15 +14,16 @@ from typing import Any
 
 import pytest
 
-from kdbench.cli import main
-from kdbench.commands import run_paths
-from kdbench.config import load_suite
-from kdbench.errors import ExitCode
-from kdbench.executors import LocalConfig, LocalExecutor, MatrixContext
-from kdbench.plan import expand
-from kdbench.runview import RunView, headline
+from kdbench.cli.commands import run_paths
+from kdbench.cli.main import main
+from kdbench.contract.errors import ExitCode
+from kdbench.engine.config import load_suite
+from kdbench.engine.executors import MatrixContext
+from kdbench.engine.local import LocalConfig, LocalExecutor
+from kdbench.engine.plan import expand
+from kdbench.engine.workers import teacher_key
+from kdbench.report.runview import RunView, headline
 from kdbench.testing import tiny_suite
-from kdbench.workers import teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.max_steps=2", "teacher_train.max_steps=2"]
@@ -95,7 +96,7 @@ def test_run_paths() -> None:
 
 
 def test_shipped_suites_pin_their_methods() -> None:
-    from kdbench.config import builtin_suites
+    from kdbench.engine.config import builtin_suites
 
     for name, path in builtin_suites().items():
         suite = load_suite(str(path))
@@ -145,7 +146,7 @@ def test_worker_processes_match_in_process_and_teachers_come_first(tmp_path: Pat
 
 DIE = '''
 import os
-from kdbench.hookspecs import hookimpl
+from kdbench.contract.hookspecs import hookimpl
 
 @hookimpl(tryfirst=True)
 def kdbench_run_cell(spec, ctx):
@@ -188,7 +189,7 @@ def test_unreadable_result_is_set_aside_and_its_cell_rerun(tmp_path: Path, capsy
 
 
 def test_loop_progress_reaches_the_sink_including_meta_kd_prepare(make_host: Any, run_tiny: Any) -> None:
-    from kdbench.loop import set_progress_sink
+    from kdbench.engine.training import set_progress_sink
 
     seen: list[tuple[str, int, int, str]] = []
     previous = set_progress_sink(lambda *a: seen.append(a))

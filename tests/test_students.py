@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.errors import ConfigError
+from kdbench.contract.errors import ConfigError
 from kdbench_builtins import students
 from kdbench_builtins.models_text import HFConfig, HFModel, TinyBert, TinyBertConfig, char_tokenizer
 from kdbench_builtins.models_vision import VISION_KINDS
@@ -147,9 +147,9 @@ def test_pooling_errors() -> None:
 
 
 def test_run_ids_name_the_pooling_and_only_regression_ids_the_label_mean_bias() -> None:
-    from kdbench.config import load_suite
-    from kdbench.manager import Host, make_plugin_manager
-    from kdbench.plan import expand
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.manager import Host, make_plugin_manager
+    from kdbench.engine.plan import expand
 
     host = Host(make_plugin_manager(autoload=False))
     base = {c.run_id: c for c in expand(load_suite("glue-small"), host)}

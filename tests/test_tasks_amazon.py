@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
-from kdbench.errors import DataError
+from kdbench.contract.errors import DataError
 from kdbench_builtins import tasks_amazon as ta
 from kdbench_builtins.tasks_amazon import (
     AmazonConfig,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.data import prepare_data
-from kdbench.errors import DataError
+from kdbench.contract.errors import DataError
+from kdbench.engine.data import prepare_data
 from kdbench_builtins import tasks_cifar100 as tc
 from kdbench_builtins.tasks_cifar100 import Cifar100, Cifar100Config
 

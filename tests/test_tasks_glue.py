@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 import pytest
 
-from kdbench.errors import DataError
+from kdbench.contract.errors import DataError
 from kdbench_builtins import tasks_glue as tg
 from kdbench_builtins.tasks_glue import GlueConfig, Mnli, Qnli, Qqp, write_glue_submission
 

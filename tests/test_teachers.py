@@ -5,9 +5,10 @@ from __future__ import annotations
 import types
 
 import kdbench
-from kdbench.config import load_suite
-from kdbench.executors import LocalExecutor, MatrixContext
-from kdbench.plan import expand
+from kdbench.engine.config import load_suite
+from kdbench.engine.executors import MatrixContext
+from kdbench.engine.local import LocalExecutor
+from kdbench.engine.plan import expand
 from kdbench.testing import tiny_suite
 
 
@@ -49,7 +50,7 @@ def test_second_run_reuses_teacher_and_corrupt_entry_is_rebuilt(make_host, tmp_p
 
 
 def test_teacher_key_changes_with_recipe(tmp_path):
-    from kdbench.manager import Host
+    from kdbench.engine.manager import Host
 
     host = Host.create(autoload=False)
     path = tiny_suite(tmp_path / "t.toml", "kd")
@@ -66,7 +67,7 @@ def test_teacher_lock_waits_for_a_live_holder_then_takes_it(tmp_path) -> None:
     import threading
     import time
 
-    from kdbench.teachers import _Lock
+    from kdbench.engine.claims import ClaimLock as _Lock
 
     path = tmp_path / "t.lock"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

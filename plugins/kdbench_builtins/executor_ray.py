@@ -1,9 +1,9 @@
 """Built-in plugin: the "ray" executor runs every cell of the matrix as a Ray task.
 
-Each cell is one task calling :func:`kdbench.executors.execute_cell` in a Ray worker; the worker
-rebuilds the same Host from ``mctx.host_args`` (plugins registered in the driver process only, not
-through ``-p``, ``KDBENCH_PLUGINS`` or an entry point, are refused up front), writes the result JSON atomically into the results
-directory and returns the result dict. Teacher fine-tuning cells run as a first wave; the method
+Each cell is one task calling :func:`kdbench.execute_cell` in a Ray worker; the worker rebuilds the
+same Host from ``mctx.host_args`` (:func:`kdbench.rebuild_host`; plugins registered in the driver
+process only, not through ``-p``, ``KDBENCH_PLUGINS`` or an entry point, are refused up front),
+writes the result JSON atomically into the results directory and returns the result dict. Teacher fine-tuning cells run as a first wave; the method
 cells then reuse the cached teachers (the cache has a lock file, so two workers never train the
 same teacher). Results are yielded as cells finish (``ray.wait``). A cell whose worker process
 died (segfault, kill, node loss) is retried up to ``max_retries`` times and resumes from its last
@@ -47,14 +47,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdbench.errors import ConfigError
-from kdbench.executors import Executor, HostArgs, MatrixContext, check_rebuildable, execute_cell
-from kdbench.hookspecs import hookimpl
-from kdbench.results import new_result, provenance, result_path, write_result
+from kdbench import (
+    ConfigError,
+    Executor,
+    HostArgs,
+    MatrixContext,
+    check_rebuildable,
+    env_flag,
+    execute_cell,
+    hookimpl,
+    new_result,
+    provenance,
+    rebuild_host,
+    result_path,
+    write_result,
+)
 
 if TYPE_CHECKING:
-    from kdbench.manager import Host
-    from kdbench.plan import CellSpec
+    from kdbench import CellSpec, Host
 
 FORWARD_ENV_PREFIXES = ("KDBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "CUBLAS_")
 
@@ -81,11 +91,8 @@ def _cell_remote(spec_pickle: bytes, mctx: MatrixContext, threads: int) -> dict[
     """
     import torch
 
-    from kdbench.manager import Host, make_plugin_manager
-
     torch.set_num_threads(max(1, threads))
-    a = mctx.host_args
-    host = Host(make_plugin_manager(autoload=a.autoload, extra=a.extra, blocked=a.blocked))
+    host = rebuild_host(mctx.host_args)
     spec = pickle.loads(spec_pickle)
     return execute_cell(spec, mctx, host)
 
@@ -125,8 +132,6 @@ class RayExecutor(Executor):
 
     def _portable(self, mctx: MatrixContext) -> MatrixContext:
         """Absolute paths and an explicit autoload flag, so workers rebuild the same Host."""
-        from kdbench.manager import env_flag
-
         a = mctx.host_args
         extra = tuple(str(Path(p).resolve()) if p.endswith(".py") or os.sep in p else p for p in a.extra)
         autoload = a.autoload if a.autoload is not None else not env_flag("KDBENCH_DISABLE_PLUGIN_AUTOLOAD")

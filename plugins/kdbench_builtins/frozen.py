@@ -1,15 +1,15 @@
 """The frozen teacher and the frozen-teacher methods: ``kd``, ``pkd-skip``, ``pkd-last``, ``no-kd``.
 
 * ``kd``: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NIPS DL Workshop
-  2015 (arXiv:1503.02531). Canonical ``α·T²·KL_batchmean + (1−α)·CE`` (methods.md §1–2).
+  2015 (arXiv:1503.02531). Canonical ``α·T²·KL_batchmean + (1−α)·CE``.
   Defaults T = 5, α = 0.5 (ReptileDistil's README and MetaDistil's NLP defaults), so that ``kd``
   and ``metadistil`` differ only in the teacher-update rule.
 * ``pkd-skip`` / ``pkd-last``: Sun, Cheng, Gan, Liu, "Patient Knowledge Distillation for BERT
   Model Compression", EMNLP 2019; checked against intersun/PKD-for-BERT-Model-Compression@9e9e860.
-  Defaults: the predefined PKD-skip run (α 0.7, β 500, T 10, normalised [CLS]; methods.md §3.3),
+  Defaults: the predefined PKD-skip run (α 0.7, β 500, T 10, normalised [CLS]; ``get_predefine_argv``),
   with the canonical batchmean KD (set ``loss.reduction=elementwise_mean`` for the code's 1/C).
   Deviations: training data is shuffled and the teacher runs online (or from a cache keyed by
-  example id) instead of PKD's unshuffled pickle of teacher outputs (methods.md §3.2 quirk).
+  example id) instead of PKD's unshuffled pickle of teacher outputs (``SequentialSampler``).
 * ``no-kd``: the student trained on hard labels only (baseline).
 
 No method sets ``train`` defaults (the PKD run used lr 1e-5): every method of a suite trains with
@@ -18,9 +18,7 @@ the suite's budget and learning rate, so rows of a leaderboard stay comparable.
 
 from __future__ import annotations
 
-from kdbench.hookspecs import hookimpl
-from kdbench.registry import Registrar
-from kdbench.types import Method, StepCost, TeacherUpdate
+from kdbench import Method, Registrar, StepCost, TeacherUpdate, hookimpl
 
 KD_PAPER = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531 (2015)"
 PKD_PAPER = ("Sun, Cheng, Gan, Liu. Patient Knowledge Distillation for BERT Model Compression. "
@@ -56,7 +54,7 @@ METHODS = (
            defaults={"loss": {**_PKD_LOSS, "layer_map": "last"}}, paper=PKD_PAPER, version="1",
            description="PKD-Last: KD + patient [CLS] loss on the last teacher layers.",
            bench={"(live teacher)": {}}),
-    Method(name="no-kd", teacher_update="frozen", loss="ce", defaults={}, paper="", version="1", role="no-kd",
+    Method(name="no-kd", teacher_update="frozen", loss="ce", defaults={}, paper="", version="1", role="student-only",
            description="The student fine-tuned on hard labels only (no distillation)."),
 )
 

@@ -1,8 +1,9 @@
 """Distillation losses: ``ce``, ``kd`` (Hinton et al. 2015), ``pkd`` (Sun et al. 2019), ``tinybert``.
 
-Every loss returns *weighted* named terms; the runner sums them. Conventions follow
-shared/docs/methods.md §1: the canonical soft loss is ``T²·KL_batchmean(p_t^T ‖ p_s^T)``, and the
-code-faithful variants of the reference repositories are options recorded in the config:
+Every loss returns *weighted* named terms; the runner sums them. The canonical soft loss is
+Hinton's ``T²·KL_batchmean(p_t^T ‖ p_s^T)``; the code-faithful variants of the reference
+repositories (intersun/PKD-for-BERT-Model-Compression@9e9e860, JetRunner/MetaDistil@80e60c1,
+alibaba/EasyNLP@a4ee956) are options recorded in the config:
 
 * ``reduction="elementwise_mean"``: mean over B×C elements (PKD's ``'mean'``; the KD term is C×
   smaller than canonical);
@@ -27,10 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdbench
-from kdbench.errors import ConfigError, NotApplicable
-from kdbench.hookspecs import hookimpl
-from kdbench.registry import Registrar
-from kdbench.types import Batch, DistillLoss, KDModel, ModelOutput, NoConfig, Task
+from kdbench import Batch, ConfigError, DistillLoss, KDModel, ModelOutput, NoConfig, NotApplicable, Task
 
 SoftLoss = Literal["kl", "prob_mse", "logit_mse", "soft_ce"]
 Reduction = Literal["batchmean", "elementwise_mean"]
@@ -61,7 +59,7 @@ def hard_loss(logits: Tensor, labels: Tensor, regression: bool) -> Tensor:
 
 def soft_loss(z_s: Tensor, z_t: Tensor, temperature: float, kind: str = "kl",
               reduction: str = "batchmean") -> Tensor:
-    """Soft-label loss between student and teacher logits (methods.md §1).
+    """Soft-label loss between student and teacher logits (see the module docstring for the variants).
 
     Args:
         z_s: (B, C) student logits.
@@ -148,7 +146,7 @@ class HintonKD(DistillLoss):
 
 
 def pkd_layer_map(teacher_layers: int, student_layers: int, spec: Any) -> list[tuple[int, int]]:
-    """Pairs (student layer j, teacher layer I(j)), 1-based, for PKD's patient loss (methods.md §3.1).
+    """Pairs (student layer j, teacher layer I(j)), 1-based, for PKD's patient loss ``L_PT`` (Sun et al. 2019).
 
     Student layers 1..M−1 are matched (the last one is supervised by the logits). With N teacher
     layers: ``skip`` maps j → ⌊j·N/M⌋ (12→6: 2,4,6,8,10; 6→3: 2,4; 6→2: 3); ``last`` maps j →
@@ -181,7 +179,7 @@ def pkd_layer_map(teacher_layers: int, student_layers: int, spec: Any) -> list[t
 
 @dataclass(frozen=True, slots=True)
 class PKDConfig:
-    """Options of PKD (defaults: the predefined PKD-skip run, methods.md §3.3)."""
+    """Options of PKD (defaults: the predefined PKD-skip run of PKD-for-BERT-Model-Compression@9e9e860)."""
 
     temperature: float = kdbench.option(10.0, gt=0)  # softmax temperature T
     #: weight of the soft term; (1 - alpha) weighs the hard-label term
@@ -318,8 +316,8 @@ class TinyBertLoss(DistillLoss):
         return {"hidden": self.cfg.hidden_weight * hid, "attention": self.cfg.attention_weight * att}
 
 
-@hookimpl
-def kdbench_register_losses(register: Registrar[type[DistillLoss]]) -> None:
+@kdbench.hookimpl
+def kdbench_register_losses(register: kdbench.Registrar[type[DistillLoss]]) -> None:
     """Register the built-in losses."""
     for cls in (CrossEntropy, HintonKD, PatientKD, TinyBertLoss):
         register(cls)

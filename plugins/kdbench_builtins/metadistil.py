@@ -1,36 +1,45 @@
 """MetaDistil: the teacher learns from the student's quiz loss after a pilot step.
 
 Zhou, Xu, McAuley, "BERT Learns to Teach: Knowledge Distillation with Meta Learning", ACL 2022;
-checked against JetRunner/MetaDistil@80e60c1 (``nlp/`` and ``cv/``) as described in
-shared/docs/methods.md §4 and performance.md §2.4, §3.1, §3.3.
+checked against the reference code, JetRunner/MetaDistil@80e60c1 (``nlp/`` and ``cv/``).
 
 Per teacher update (``step``, before the runner's real student step on the same batch):
 
-1. Pilot: one plain-SGD step of a *functional* copy of the student (``torch.func.functional_call``
-   with the student's parameters and cloned buffers, so BatchNorm statistics are not touched):
-   ``θ'_S = θ_S − λ·∇_{θ_S} L_S(x; θ_S, θ_T)``, with ``L_S`` the run's distillation loss
-   (``ctx.loss``) and the teacher in eval mode *with* grad.
+1. Pilot: one step of a *functional* copy of the student (``torch.func.functional_call`` with the
+   student's parameters and cloned buffers, so BatchNorm statistics are not touched), on the
+   gradient ``g = ∇_{θ_S} L_S(x; θ_S, θ_T)`` of the run's distillation loss ``L_S`` (``ctx.loss``),
+   the teacher in eval mode *with* grad. ``pilot = "sgd"`` (the reference): ``θ'_S = θ_S − λ·g``.
+   ``pilot = "adam"`` (a kdbench variant, not in the paper or the code): ``θ'_S = θ_S − η·u(g)``,
+   the step the student's Adam/AdamW optimizer would take with ``g``: ``u = m̂'/(√v̂' + eps)``
+   (+ ``λ_wd·θ_S`` for AdamW) from its current moments ``m' = β1·m + (1−β1)·g``,
+   ``v' = β2·v + (1−β2)·g²`` (``m = v = 0`` before its first step), bias-corrected at ``step + 1``,
+   and ``η`` = its current lr. Reason: the reference's SGD pilot at λ = 5e-5 models a step about
+   1000× smaller than the AdamW step the student then takes. Neither pilot models the runner's
+   gradient-norm clip or gradient accumulation.
 2. Quiz: ``L_q = mean over k quiz batches of CE(S(q; θ'_S), y_q)`` (MSE for regression), student
    in eval mode.
-3. Teacher: ``g = ∇_{θ_T} L_q`` through the pilot step; clip to ``grad_clip``; one step of the
+3. Teacher: ``g_T = ∇_{θ_T} L_q`` through the pilot step; clip to ``grad_clip``; one step of the
    teacher's own optimizer (AdamW or SGD, created once in ``prepare``, kept in ``state_dict``).
 
 The student is never written to (no "time machine" copies); the runner then takes the real step
-with the updated teacher. Two meta-gradients (``meta_grad``), equal in exact arithmetic:
+with the updated teacher. Two meta-gradients (``meta_grad``, :mod:`kdbench_builtins.metadistil_grad`),
+equal in exact arithmetic:
 
 * ``second_order`` (reference): ``autograd.grad(create_graph=True)`` through the pilot. Flash and
   memory-efficient SDPA have no double backward (CPU included), so the student's pilot forward runs
   under ``sdpa_kernel(SDPBackend.MATH)`` (eager attention works too).
-* ``first_order_exact`` (default; performance.md §2.4): ``v = ∇_{θ'} L_q``; ``u = J_s(θ_S)·v`` for
-  every student output the loss uses (logits, [CLS] vectors for ``pkd``) on the pilot batch;
-  ``g = −λ·∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩``: a loss-level second derivative and one ordinary
-  backward through the teacher. ``jvp="forward"``: ``torch.func.jvp`` (exact; math SDPA, as flash
-  has no forward AD). ``jvp="finite_difference"``: two no-grad forwards at ``θ ± εv``, ``ε =
-  fd_eps·‖θ‖/‖v‖``; the pilot then runs in fp32 (no autocast) with any attention kernel.
+* ``first_order_exact`` (default; no double backward through the network): ``v = ∇_{θ'} L_q``;
+  ``u = J_s(θ_S)·w`` for every student output the loss uses (logits, [CLS] vectors for ``pkd``) on
+  the pilot batch; ``g_T = −c·∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩``: a loss-level second derivative and
+  one ordinary backward through the teacher. SGD pilot: ``w = v``, ``c = λ``. Adam pilot: the
+  step's Jacobian in ``g`` is diagonal, ``w = η·(∂u/∂g)⊙v``, ``c = 1``. ``jvp="forward"``:
+  ``torch.func.jvp`` (exact; math SDPA, as flash has no forward AD). ``jvp="finite_difference"``: two
+  no-grad forwards at ``θ ± εw``, ``ε = fd_eps·‖θ‖/‖w‖``; the pilot then runs in fp32 (no autocast)
+  with any attention kernel.
 
 Dropout: the pilot student runs in train mode, as in the reference, under a fixed RNG state (seed
 drawn from ``ctx.generator``; the global RNG is restored afterwards), so the pilot gradient, the JVP
-and the finite differences see the same masks. Both are exact for one SGD pilot step only.
+and the finite differences see the same masks. Both are exact for one pilot step only.
 
 Deliberate deviations from the reference code:
 
@@ -48,22 +57,15 @@ Deliberate deviations from the reference code:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kdbench
-from kdbench.errors import ConfigError, NotApplicable
-from kdbench.hookspecs import hookimpl
-from kdbench.registry import Registrar
-from kdbench.types import Batch, KDModel, Method, ModelOutput, StepContext, StepCost, TeacherUpdate
-from kdbench_builtins.losses import hard_loss
+from kdbench import ConfigError, Method, NotApplicable, StepContext, StepCost, TeacherUpdate
+from kdbench_builtins.metadistil_grad import MetaSpec, adam_problem, adam_slots, meta_gradient
 
 PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with Meta Learning. "
          "ACL 2022 (code: JetRunner/MetaDistil)")
@@ -71,10 +73,13 @@ PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with M
 
 @dataclass(frozen=True, slots=True)
 class MetaDistilConfig:
-    """Options of the MetaDistil teacher update (defaults: the NLP code, methods.md §4.4)."""
+    """Options of the MetaDistil teacher update (defaults: the reference NLP code, ``nlp/``)."""
 
-    pilot_lr: float = kdbench.option(5e-5, ge=0)  # λ, SGD step of the pilot student (CIFAR code: 0.05)
-    pilot_lr_schedule: Literal["constant", "student"] = "constant"  # "constant" | "student": λ × student lr / initial lr (CIFAR)
+    # "sgd": the reference's plain-SGD pilot step of size pilot_lr | "adam" (kdbench variant): the
+    # student optimizer's own step (its moments and current lr; Adam/AdamW students only)
+    pilot: Literal["sgd", "adam"] = kdbench.option("sgd", id_default="sgd")
+    pilot_lr: float = kdbench.option(5e-5, ge=0)  # λ, SGD step of the pilot student (CIFAR code: 0.05); pilot="sgd"
+    pilot_lr_schedule: Literal["constant", "student"] = "constant"  # "constant" | "student": λ × student lr / initial lr (CIFAR); pilot="sgd"
     teacher_lr: float = kdbench.option(1e-5, ge=0)  # teacher optimizer lr
     teacher_optimizer: Literal["adamw", "sgd"] = "adamw"  # "adamw" | "sgd"
     teacher_weight_decay: float = kdbench.option(0.0, ge=0)  # on matrices only (biases, LayerNorm excluded)
@@ -88,43 +93,7 @@ class MetaDistilConfig:
     start_epoch: int = kdbench.option(0, ge=0)  # first epoch (0-based) with teacher updates
     meta_grad: Literal["first_order_exact", "second_order"] = "first_order_exact"  # "first_order_exact" | "second_order" (reference)
     jvp: Literal["forward", "finite_difference"] = "forward"  # first_order_exact: "forward" (torch.func.jvp) | "finite_difference"
-    fd_eps: float = kdbench.option(1e-3, gt=0)  # finite_difference: ε relative to ‖θ_S‖/‖v‖
-
-
-def _up(x: Tensor) -> Tensor:
-    """Half-precision tensors to float32; float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _flatten(out: ModelOutput) -> tuple[Tensor, ...]:
-    """Every tensor of a ModelOutput, in a fixed order (logits, hidden, attentions, cls)."""
-    return (out.logits, *out.hidden, *out.attentions, *(() if out.cls is None else (out.cls,)))
-
-
-def _unflatten(ts: tuple[Tensor, ...] | list[Tensor], like: ModelOutput) -> ModelOutput:
-    """Inverse of :func:`_flatten` for the structure of ``like``."""
-    nh, na = len(like.hidden), len(like.attentions)
-    return ModelOutput(logits=ts[0], hidden=tuple(ts[1:1 + nh]), attentions=tuple(ts[1 + nh:1 + nh + na]),
-                       cls=ts[1 + nh + na] if like.cls is not None else None)
-
-
-@contextlib.contextmanager
-def _fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with the global RNG of ``device`` (and the CPU) seeded; restore both afterwards."""
-    cuda = device.type == "cuda"
-    idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else 0
-    with torch.random.fork_rng(devices=[idx] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[idx].manual_seed(seed)
-        yield
-
-
-def _call(model: KDModel, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-          inputs: Mapping[str, Tensor], want: frozenset[str], train: bool) -> ModelOutput:
-    """``model`` evaluated with substituted parameters and buffers, in train or eval mode."""
-    model.train(train)
-    return functional_call(model, (dict(params), dict(buffers)), (inputs,), {"want": want})
+    fd_eps: float = kdbench.option(1e-3, gt=0)  # finite_difference: ε relative to ‖θ_S‖/‖w‖ (w: the JVP direction)
 
 
 class MetaDistil(TeacherUpdate):
@@ -137,9 +106,9 @@ class MetaDistil(TeacherUpdate):
     needs_quiz = True
 
     def cost_model(self, *, live_teacher: bool = True) -> StepCost:
-        """performance.md §2.3: the real step (F_T+3F_S) plus, every ``every`` steps, the pilot
-        step (F_T+3F_S), ``quiz_batches`` quiz passes (3F_S each), the teacher backward (2F_T) and
-        u = J_s·v (2F_S), or the double backward instead (≈4F_S, an estimate) for second_order."""
+        """Forward-pass units (F_T, F_S): the real step (F_T+3F_S) plus, every ``every`` steps, the
+        pilot step (F_T+3F_S), ``quiz_batches`` quiz passes (3F_S each), the teacher backward (2F_T)
+        and u = J_s·w (2F_S), or the double backward instead (≈4F_S, an estimate) for second_order."""
         second = self.cfg.meta_grad == "second_order"
         extra_s = (7.0 if second else 5.0) + 3.0 * self.cfg.quiz_batches
         return StepCost(1 + 3.0 / self.cfg.every, 3 + extra_s / self.cfg.every, approx=second)
@@ -164,6 +133,11 @@ class MetaDistil(TeacherUpdate):
             raise ConfigError("teacher_update 'metadistil' needs quiz batches; set the task's "
                               "quiz_fraction > 0 (e.g. 0.1)")
         c = self.cfg
+        problem = adam_problem(ctx.student_opt, ctx.student) if c.pilot == "adam" else None
+        if problem is not None:
+            raise ConfigError(f"teacher_update.metadistil.pilot = 'adam' mirrors an Adam/AdamW student step, "
+                              f"but {problem}; use pilot = 'sgd' (allowed: 'sgd', 'adam') or train.optimizer "
+                              "= 'adamw'")
         quiz_split = ctx.data.splits["quiz"] if ctx.data is not None and "quiz" in ctx.data.splits else None
         size = int(getattr(ctx.train, "batch_size", 1))
         if c.quiz_batches == 0 and quiz_split is None:
@@ -192,7 +166,7 @@ class MetaDistil(TeacherUpdate):
         return float(ctx.student_opt.param_groups[0]["lr"]) / ref if ref > 0 else 1.0
 
     def pilot_lr(self, ctx: StepContext) -> float:
-        """λ at this step."""
+        """λ of the SGD pilot at this step."""
         lam = self.cfg.pilot_lr
         return lam * self._student_lr_ratio(ctx, self.student_lr0) if self.cfg.pilot_lr_schedule == "student" else lam
 
@@ -236,118 +210,10 @@ class MetaDistil(TeacherUpdate):
             raise RuntimeError("MetaDistil.meta_gradient needs ctx.batch and ctx.quiz")
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
         quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]
-        was_training = ctx.student.training
-        try:
-            if self.cfg.meta_grad == "second_order":
-                return self._second_order(ctx, ctx.batch, quiz, seed)
-            return self._first_order(ctx, ctx.batch, quiz, seed)
-        finally:
-            ctx.student.train(was_training)
-
-    def _autocast(self, ctx: StepContext) -> contextlib.AbstractContextManager[Any]:
-        return ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext()
-
-    def _pilot(self, ctx: StepContext, batch: Batch, params: Mapping[str, Tensor],
-               buffers: Mapping[str, Tensor], seed: int) -> ModelOutput:
-        """Student forward on the pilot batch: train mode, fixed dropout masks; math SDPA unless
-        finite differences (any kernel; fp32, as differences in bf16 are noise)."""
-        fd = self.cfg.meta_grad == "first_order_exact" and self.cfg.jvp == "finite_difference"
-        kernel = contextlib.nullcontext() if fd else sdpa_kernel(SDPBackend.MATH)
-        with _fixed_rng(seed, ctx.device), kernel, contextlib.nullcontext() if fd else self._autocast(ctx):
-            return _call(ctx.student, params, buffers, batch.inputs, ctx.want, train=True)
-
-    def _quiz_loss(self, ctx: StepContext, fast: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                   q: Batch) -> Tensor:
-        with self._autocast(ctx):
-            out = _call(ctx.student, fast, buffers, q.inputs, frozenset(), train=False)
-        return hard_loss(out.logits, q.labels, ctx.task.is_regression) / self.n_quiz
-
-    def _teacher(self, ctx: StepContext, batch: Batch) -> ModelOutput:
-        """Teacher forward on the pilot batch: eval mode, with grad."""
-        with self._autocast(ctx):
-            return ctx.teacher_forward(batch.inputs, grad=True)
-
-    def _second_order(self, ctx: StepContext, batch: Batch, quiz: list[Batch],
-                      seed: int) -> tuple[list[Tensor], dict[str, float]]:
-        params = dict(ctx.student.named_parameters())
-        names = [n for n, p in params.items() if p.requires_grad]
-        buffers = {n: b.clone() for n, b in ctx.student.named_buffers()}
-        s_out = self._pilot(ctx, batch, params, buffers, seed)
-        t_out = self._teacher(ctx, batch)
-        pilot: Tensor = sum(ctx.loss(s_out, t_out, batch).values())  # type: ignore[assignment]
-        grads = torch.autograd.grad(pilot, [params[n] for n in names], create_graph=True, allow_unused=True)
-        lam = self.pilot_lr(ctx)
-        fast = dict(params) | {n: params[n] - lam * g for n, g in zip(names, grads) if g is not None}
-        t_params = list(ctx.teacher.parameters())
-        total = [torch.zeros_like(p) for p in t_params]
-        q_sum = 0.0
-        for i, q in enumerate(quiz):
-            ql = self._quiz_loss(ctx, fast, buffers, q)
-            gq = torch.autograd.grad(ql, t_params, retain_graph=i < len(quiz) - 1, allow_unused=True)
-            total = [a if g is None else a + g for a, g in zip(total, gq)]
-            q_sum += float(ql.detach())
-        return total, {"teacher/quiz_loss": q_sum, "teacher/pilot_loss": float(pilot.detach())}
-
-    def _first_order(self, ctx: StepContext, batch: Batch, quiz: list[Batch],
-                     seed: int) -> tuple[list[Tensor], dict[str, float]]:
-        params = {n: p.detach() for n, p in ctx.student.named_parameters()}
-        names = [n for n, p in ctx.student.named_parameters() if p.requires_grad]
-        buffers0 = {n: b.clone() for n, b in ctx.student.named_buffers()}
-        buffers = {n: b.clone() for n, b in buffers0.items()}
-        # (1) pilot gradient: an ordinary backward, teacher outputs constant
-        leaves = {n: params[n].detach().requires_grad_() for n in names}
-        s_out = self._pilot(ctx, batch, params | leaves, buffers, seed)
-        t_out = self._teacher(ctx, batch)
-        t_const = _unflatten([t.detach() for t in _flatten(t_out)], t_out)
-        pilot: Tensor = sum(ctx.loss(s_out, t_const, batch).values())  # type: ignore[assignment]
-        g = torch.autograd.grad(pilot, [leaves[n] for n in names], allow_unused=True)
-        lam = self.pilot_lr(ctx)
-        fast = {n: (params[n] - lam * gi if gi is not None else params[n].detach()).requires_grad_()
-                for n, gi in zip(names, g)}
-        # (2) v = ∇_{θ'} L_quiz
-        v: dict[str, Tensor] = {}  # summed in place over quiz batches (no zero-filled copy)
-        q_sum = 0.0
-        for q in quiz:
-            ql = self._quiz_loss(ctx, params | fast, buffers, q)
-            gq = torch.autograd.grad(ql, [fast[n] for n in names], allow_unused=True)
-            for n, gi in zip(names, gq):
-                if gi is not None:
-                    v[n] = v[n].add_(gi) if n in v else gi
-            q_sum += float(ql.detach())
-        v = {n: v[n] if n in v else torch.zeros_like(params[n]) for n in names}
-        # (3) u = J_s(θ_S)·v on the pilot batch, same dropout masks
-        u = self._jvp(ctx, batch, params, names, buffers0, v, seed)
-        # (4) g_T = −λ ∇_{θ_T} ⟨∂L_S/∂s (s, t(θ_T)), u⟩: loss-level double backward only
-        s_leaf = [_up(s.detach()).requires_grad_() for s in _flatten(s_out)]  # loss-level in fp32+
-        loss = sum(ctx.loss(_unflatten(s_leaf, s_out), t_out, batch).values())
-        gs = torch.autograd.grad(loss, s_leaf, create_graph=True, allow_unused=True)
-        t_params = list(ctx.teacher.parameters())
-        dots = [(a * b.to(a.dtype)).sum() for a, b in zip(gs, u) if a is not None and a.requires_grad]
-        if not dots:  # the loss's student gradient does not depend on the teacher
-            return [torch.zeros_like(p) for p in t_params], {"teacher/quiz_loss": q_sum}
-        phi = torch.stack([d.float() if d.dtype != torch.float64 else d for d in dots]).sum()
-        gt = torch.autograd.grad(phi, t_params, allow_unused=True)
-        out = [torch.zeros_like(p) if x is None else -lam * x for p, x in zip(t_params, gt)]
-        return out, {"teacher/quiz_loss": q_sum, "teacher/pilot_loss": float(pilot.detach())}
-
-    def _jvp(self, ctx: StepContext, batch: Batch, params: dict[str, Tensor], names: list[str],
-             buffers0: dict[str, Tensor], v: dict[str, Tensor], seed: int) -> tuple[Tensor, ...]:
-        """Directional derivative u = J_s·v of the pilot-batch student outputs, same masks."""
-
-        def outputs(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            bufs = {n: b.clone() for n, b in buffers0.items()}
-            return _flatten(self._pilot(ctx, batch, params | p, bufs, seed))
-
-        theta = {n: params[n] for n in names}
-        if self.cfg.jvp == "forward":
-            return tuple(torch.func.jvp(outputs, (theta,), (v,))[1])
-        norm_v = torch.stack([_up(x).norm() for x in v.values()]).norm()
-        norm_t = torch.stack([_up(x).norm() for x in theta.values()]).norm()
-        eps = float(self.cfg.fd_eps * norm_t / norm_v) if float(norm_v) > 0 else 1.0
-        with torch.no_grad():
-            plus = outputs({n: _up(theta[n]) + eps * _up(v[n]) for n in names})
-            minus = outputs({n: _up(theta[n]) - eps * _up(v[n]) for n in names})
-        return tuple((_up(a) - _up(b)) / (2 * eps) for a, b in zip(plus, minus))
+        c = self.cfg
+        adam = adam_slots(ctx.student_opt, ctx.student) if c.pilot == "adam" else None
+        spec = MetaSpec(c.meta_grad, c.jvp, c.fd_eps, self.n_quiz, self.pilot_lr(ctx), adam, seed)
+        return meta_gradient(ctx, spec, ctx.batch, quiz)
 
     def state_dict(self) -> dict[str, Any]:
         """Teacher optimizer state, update counter and the student-lr references."""
@@ -382,17 +248,22 @@ METHODS = (
            defaults={"loss": {"temperature": 5.0, "alpha": 0.5, "beta": 100.0, "layer_map": "skip"}},
            paper=PAPER, version="1",
            description="MetaDistil with the NLP code's PKD-skip term (β = 100) in the pilot and real steps."),
+    Method(name="metadistil-adam", teacher_update="metadistil", loss="kd",
+           defaults={"loss": {"temperature": 5.0, "alpha": 0.5}, "teacher_update": {"pilot": "adam"}},
+           paper=PAPER, version="1",
+           description="kdbench variant (not in the paper): MetaDistil whose pilot step is the student's "
+                       "own Adam/AdamW step (its moments and lr) instead of plain SGD at λ."),
 )
 
 
-@hookimpl
-def kdbench_register_teacher_updates(register: Registrar[type[TeacherUpdate]]) -> None:
+@kdbench.hookimpl
+def kdbench_register_teacher_updates(register: kdbench.Registrar[type[TeacherUpdate]]) -> None:
     """Register the MetaDistil rule."""
     register(MetaDistil)
 
 
-@hookimpl
-def kdbench_register_methods(register: Registrar[Method]) -> None:
+@kdbench.hookimpl
+def kdbench_register_methods(register: kdbench.Registrar[Method]) -> None:
     """Register the MetaDistil methods."""
     for method in METHODS:
         register(method)

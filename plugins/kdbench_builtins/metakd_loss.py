@@ -56,7 +56,7 @@ def expertise_weight(teacher_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class DomainHead(nn.Module):
-    """Domain branch: ``u = W_c(E_dom[d] + pooled)``; ``logits = W_d·dropout(tanh(u))`` (§6.2)."""
+    """Domain branch: ``u = W_c(E_dom[d] + pooled)``; ``logits = W_d·dropout(tanh(u))`` (EasyNLP ``MetaTeacherForSequenceClassification``)."""
 
     def __init__(self, hidden: int, num_domains: int, dropout: float = 0.1, classify: bool = True) -> None:
         super().__init__()

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 import kdbench
-from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
-from kdbench.registry import suggest
+from kdbench import ConfigError, KDModel, ModelKind, ModelOutput, suggest
 
 #: how the classification head reads a sequence: "cls" = the model's own head (BERT: the [CLS]
 #: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear,
@@ -141,7 +140,7 @@ class HFTextModel(KDModel):
                            attentions=att, cls=cls)
 
     def flops_per_example(self, seq_len: int = 128) -> float:
-        """Forward matmul FLOPs per sequence: dense layers + attention scores (performance.md §1.1)."""
+        """Forward matmul FLOPs per sequence: dense layers + attention scores, 2 per multiply-add."""
         c = self.model.config
         d, layers = int(c.hidden_size), int(c.num_hidden_layers)
         f = int(getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", None) or 4 * d)

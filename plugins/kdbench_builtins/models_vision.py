@@ -11,7 +11,7 @@ Simonyan & Zisserman 2015 with batch norm, in the CIFAR form used by CRD):
 * ``vgg{8,11,13}``: five conv-BN-ReLU blocks with max-pooling between them, global average pool,
   one linear classifier.
 
-Every network is a :class:`kdbench.types.KDModel` with modality "vision": ``forward(inputs=
+Every network is a :class:`kdbench.contract.types.KDModel` with modality "vision": ``forward(inputs=
 {"pixel_values": (B, 3, 32, 32)}, want)`` returns logits (B, C) and, when "hidden" is wanted,
 ``num_layers + 1`` feature maps: the stem output followed by each stage's output (the text
 convention of embeddings + L layers). Modules hold all state (BatchNorm statistics are buffers),

@@ -1,7 +1,8 @@
 """ReptileDistil (Ma, Wang, Yu, Zhang, COLING 2022): a first-order, Reptile-style teacher update.
 
-Per training batch (shared/docs/methods.md §5.1): (a) copy the student into fast weights and take
-``inner_steps`` KD steps on the batch (a fresh AdamW each time, as the reference code does);
+Checked against the reference code, maxinge8698/ReptileDistil@8f914d9
+(``run_glue_with_reptile.py``). Per training batch: (a) copy the student into fast weights and
+take ``inner_steps`` KD steps on the batch (a fresh AdamW each time, as the reference code does);
 (b) set the teacher's pseudo-gradient ``g_T = θ_T − θ'_S`` on the parameters mapped from the
 student, clip it and step the teacher's own persistent AdamW; (c) the runner then takes the real
 student step against the updated teacher. No deepcopy: the copy lives in preallocated buffers that

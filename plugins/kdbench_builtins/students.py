@@ -21,7 +21,7 @@
     a random init drawn from the build generator), or an explicit ``checkpoint``. PKD
     initialises its students from the first layers of pre-trained ``bert-base-uncased`` and
     MetaDistil from pre-trained BERT ("well-read student"), never from the fine-tuned teacher
-    (methods.md §1). Embeddings and pooler are copied, the picked layers are copied exactly, and
+    (intersun/PKD-for-BERT-Model-Compression#3, JetRunner/MetaDistil#5). Embeddings and pooler are copied, the picked layers are copied exactly, and
     the classifier head is freshly drawn from the build generator::
 
         [students.bert6-skip]

@@ -2,7 +2,7 @@
 
 Tasks ``amazon/books``, ``amazon/dvd``, ``amazon/electronics``, ``amazon/kitchen``: binary
 sentiment (negative=0, positive=1) of one domain. Splits follow EasyNLP's
-``generate_senti_data.py`` (methods.md §7.2): all 8,000 labelled reviews in the order
+``generate_senti_data.py`` (alibaba/EasyNLP@a4ee956): all 8,000 labelled reviews in the order
 books, dvd, electronics, kitchen (each positive then negative), shuffled with
 ``RandomState(11111)`` (what ``DataFrame.sample(frac=1, random_state=11111)`` does); test = first
 fold of ``StratifiedKFold(10, shuffle=True, random_state=11111)`` on sentiment; dev = first fold of
@@ -24,25 +24,24 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-import kdbench.metrics as km
-from kdbench import SourceOptions, TextDataOptions
-from kdbench.errors import DataError
-from kdbench.hookspecs import hookimpl
-from kdbench.lazy import lazy_import
-from kdbench.types import Task
+from kdbench import DataError, SourceOptions, Task, TextDataOptions, hookimpl, lazy_import
+from kdbench import metrics as km
 
-datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
+if TYPE_CHECKING:
+    import datasets
+else:
+    datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
 FOLDERS = {"books": "books", "dvd": "dvd", "electronics": "electronics",
            "kitchen": "kitchen_&_housewares"}
 ARCHIVE_URL = "https://www.cs.jhu.edu/~mdredze/datasets/sentiment/domain_sentiment_data.tar.gz"
-#: sha256 of the 8 labelled files (shared/data/MANIFEST.md; identical in two independent copies).
+#: sha256 of the 8 labelled files (identical in two independent copies of the archive).
 #: The archive's own sha256 could not be obtained offline: set ``archive_sha256`` to pin it too.
 FILE_SHA256 = {
     "books/negative.review": "562c58de7f739c9af2d62377ea2253ff73e89f69c84a332088f341cdb0e09660",
@@ -183,6 +182,7 @@ class AmazonTask(Task):
     label_names = ("negative", "positive")
     metrics = ("accuracy",)
     domains = DOMAINS
+    pooled_splits = ("meta_train",)  # Meta-KD's meta-teacher trains on every domain
     sources = ("local", "download")
     Config = AmazonConfig
     domain: ClassVar[str]

@@ -17,19 +17,18 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from torch import Tensor
 
-import kdbench.metrics as km
-from kdbench import SourceOptions, TextDataOptions
-from kdbench.errors import DataError
-from kdbench.hookspecs import hookimpl
-from kdbench.lazy import lazy_import
-from kdbench.types import Task
+from kdbench import DataError, SourceOptions, Task, TextDataOptions, hookimpl, lazy_import
+from kdbench import metrics as km
 
-datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
+if TYPE_CHECKING:
+    import datasets
+else:
+    datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 #: the 5 MNLI training genres (Meta-KD's domains); dev_mismatched/test_mismatched genres map to -1
 MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")

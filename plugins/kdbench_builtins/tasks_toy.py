@@ -18,20 +18,19 @@ labels and version 1's easy rules every model scored the same.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-import kdbench.metrics as km
-from kdbench import DataOptions, TextDataOptions
-from kdbench.errors import DataError
-from kdbench.hookspecs import hookimpl
-from kdbench.lazy import lazy_import
-from kdbench.types import Task
+from kdbench import DataError, DataOptions, Task, TextDataOptions, hookimpl, lazy_import
+from kdbench import metrics as km
 
-datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
+if TYPE_CHECKING:
+    import datasets
+else:
+    datasets = lazy_import("datasets")  # imported on first use (keeps `kdbench ls` fast)
 
 
 @dataclass(frozen=True)
@@ -178,6 +177,7 @@ class Reviews(Task):
     label_names = ("negative", "positive")
     metrics = ("accuracy",)
     domains = REVIEW_DOMAINS
+    pooled_splits = ("meta_train",)  # Meta-KD's meta-teacher trains on every domain
     sources = ("generated",)
     Config = ReviewsConfig
 

@@ -3,7 +3,7 @@
 Targets from the issue (REPORTED in ``extra_info``, never asserted): overhead (plugin loading +
 Host + planning the quickstart suite + a cell's start-up before its first step) < 2 s, and
 ``kdbench ls`` < 1 s. Timed with ``pytest tests/benchmarks --benchmark-enable``; the plain
-command is ``kdbench bench --overhead`` (or ``python -m kdbench.bench --overhead``).
+command is ``kdbench bench --overhead`` (or ``python -m kdbench.cli.bench --overhead``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from kdbench.bench_overhead import overhead_phases, time_ls
-from kdbench.config import load_suite
-from kdbench.manager import Host, make_plugin_manager
-from kdbench.plan import expand
+from kdbench.cli.bench_overhead import overhead_phases, time_ls
+from kdbench.engine.config import load_suite
+from kdbench.engine.manager import Host, make_plugin_manager
+from kdbench.engine.plan import expand
 from kdbench.testing import run_tiny_cell
 
 ROUNDS = int(os.environ.get("KDBENCH_BENCH_ROUNDS", "3"))

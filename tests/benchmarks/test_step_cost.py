@@ -18,9 +18,9 @@ import os
 import pytest
 import torch
 
-from kdbench.bench import KD_STEP
-from kdbench.bench_pair import BenchRow, Pair, bench_rows, build_pair, build_step
-from kdbench.manager import Host, make_plugin_manager
+from kdbench.cli.bench import KD_STEP
+from kdbench.cli.bench_pair import BenchRow, Pair, bench_rows, build_pair, build_step
+from kdbench.engine.manager import Host, make_plugin_manager
 
 ROWS = bench_rows(Host(make_plugin_manager(autoload=False)))
 
