@@ -242,14 +242,16 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
     rows = matrix({"kd": 0.70, "metadistil": 0.75, "no-kd": 0.60, "teacher": 0.85})
     for r in rows:
         if r["method"] == "metadistil":
-            r["teacher_after"] = {"teacher/dev/accuracy": 0.80, "teacher/kl_to_initial": 0.0123,
-                                  "teacher/param_drift": 1.5}
-            r["extra"]["changes_teacher"] = True
+            r["teacher_after"] = {"teacher/dev/accuracy": 0.80, "teacher/dev/kl": 0.0123,
+                                  "teacher/drift": 1.5}
+        elif r["method"] == "kd":  # a frozen teacher: recorded, drift exactly 0, not in the table
+            r["teacher_after"] = {"teacher/dev/accuracy": 0.85, "teacher/dev/kl": 0.0, "teacher/drift": 0.0}
     board = board_of(tmp_path, rows)
     page = render_markdown(board, "mine", {**ROLES, "baseline_method": "no-kd"})
     assert "Paired difference to the reference method `no-kd`" in page and "Δ vs no-kd" in page and "Δ vs kd" not in page
     assert re.search(r"\| kd +\| toy/a dev/accuracy +\| \+10\.00 \* ", page)
     assert re.search(r"\| metadistil +\| toy/a dev/accuracy +\| 85\.1 ± 0\.1 \(3\) +\| 80\.0 ± 0\.0 \(3\) +\| "
                      r"0\.0123 +\| 1\.5 +\| 3 ", page)
+    assert not re.search(r"\| kd +\| toy/a dev/accuracy +\| 85", page)
     write_plan_file(tmp_path / "r", [], **{**ROLES, "baseline_method": "no-kd"})
     assert "Δ vs no-kd" in render(tmp_path / "r")

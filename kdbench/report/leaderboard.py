@@ -233,22 +233,25 @@ def _mean(values: list[float], fmt: str) -> str:
 
 
 def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: str = "") -> pd.DataFrame:
-    """For methods whose rule changes the teacher (not the teacher row, nor the no-KD method
-    ``no_kd``): the live teacher's score at the end (next to the fine-tuned teacher it started
-    from), its mean KL to that start and its parameter drift."""
+    """For methods whose rule changed the teacher (non-zero parameter drift; not the teacher row,
+    nor the no-KD method ``no_kd``): the live teacher's score at the end (next to the fine-tuned
+    teacher it started from), its mean KL to that start (mean squared prediction difference for
+    regression) and its parameter drift, as the engine's diagnostics record them."""
     sub = student_rows(board, student)
     ok = sub[sub["status"] == "ok"]
     rows: list[dict[str, Any]] = []
     for method in sorted(set(ok["method"].unique()) - {TEACHER, no_kd}):
         for task, key in cols:
             cells = [r for r in ok[(ok["method"] == method) & (ok["task"] == task)]["result"]
-                     if r.get("teacher_after") and r.get("extra", {}).get("changes_teacher", True) is not False]
-            if not cells or not key:
+                     if r.get("teacher_after")]
+            drift = [a for r in cells if (a := _number(r["teacher_after"].get("teacher/drift"))) is not None]
+            if not cells or not key or not any(drift):  # a frozen teacher drifts by exactly 0
                 continue
+            split = key.split("/")[0]
             after = [a for r in cells if (a := _number(r["teacher_after"].get(f"teacher/{key}"))) is not None]
             start = _values(ok[(ok["method"] == TEACHER) & (ok["task"] == task)], "best", key)
-            kl = [a for r in cells if (a := _number(r["teacher_after"].get("teacher/kl_to_initial"))) is not None]
-            drift = [a for r in cells if (a := _number(r["teacher_after"].get("teacher/param_drift"))) is not None]
+            kl = [a for r in cells for name in ("kl", "sq_diff")  # sq_diff: regression
+                  if (a := _number(r["teacher_after"].get(f"teacher/{split}/{name}"))) is not None]
             rows.append({"Method": method, "Task": f"{task} {key}", "Teacher at start": _cell(start),
                          "Teacher after": _cell(after), "KL to start": _mean(kl, ".3g"),
                          "Param drift": _mean(drift, ".3g"), "Seeds": len(cells)})
