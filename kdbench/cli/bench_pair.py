@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from kdbench.engine.loop import Loop
     from kdbench.engine.manager import Host
 
-SHARED_HF = Path(__file__).resolve().parents[1].parent / "shared/hf"
+SHARED_HF = Path(__file__).resolve().parents[2].parent / "shared/hf"  # ../shared/hf beside the repo root
 
 
 @dataclass(frozen=True, slots=True)
