@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kdbench
+from kdbench.cli import bench_pair
 from kdbench.cli.args import build_parser
 from kdbench.cli.bench import KD_STEP, cmd_bench, step_costs
 from kdbench.cli.bench_pair import bench_rows, build_pair, components, row_cost
@@ -19,7 +20,7 @@ from kdbench.contract.errors import ConfigError
 from kdbench.engine.manager import Host, make_plugin_manager
 
 torch.set_num_threads(1)
-HOST_FILES = sorted((Path(kdbench.__file__).parent).glob("bench*.py"))
+HOST_FILES = sorted((Path(kdbench.__file__).parent / "cli").glob("bench*.py"))
 
 
 class Costless(kdbench.TeacherUpdate):
@@ -56,6 +57,7 @@ def _formula(host: Host, label: str) -> str:
 
 
 def test_host_names_no_builtin_method_rule_or_loss() -> None:
+    assert {"bench.py", "bench_pair.py"} <= {p.name for p in HOST_FILES}
     for path in HOST_FILES:
         text = path.read_text().lower()
         for word in ("metadistil", "reptile", "meta-kd", "pkd", '"kd"', "'kd'", '"frozen"'):
@@ -154,6 +156,19 @@ def test_cli_tables_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 def test_unknown_shape_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="bert-base"):
         build_pair("gpt-7", seq_len=8, batch=2)
+
+
+def test_minilm_shape_reads_shared_hf_and_never_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pair reads ../shared/hf beside the repo; a checkpoint that does not load is a ConfigError
+    naming it, not a silent switch to another shape."""
+    from conftest import SHARED
+
+    assert bench_pair.SHARED_HF == SHARED / "hf"
+    assert bench_pair.minilm_available() == (SHARED / "hf/hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir()
+    (tmp_path / "hub/models--sentence-transformers--all-MiniLM-L6-v2").mkdir(parents=True)  # present, empty
+    monkeypatch.setattr(bench_pair, "SHARED_HF", tmp_path)
+    with pytest.raises(ConfigError, match="all-MiniLM-L6-v2"):
+        build_pair("minilm", seq_len=8, batch=2, host=_host())
 
 
 @pytest.mark.slow

@@ -326,6 +326,25 @@ def test_adam_pilot_rejects_other_optimizers_and_sgd_pilot_ignores_the_optimizer
     MetaDistil(MetaDistilConfig(pilot="adam")).prepare(ctx)  # Adam (L2 decay) is mirrored too
 
 
+@pytest.mark.parametrize("loss_name,pilot", [("kd", "sgd"), ("pkd", "adam")])
+def test_meta_gradient_under_bf16_autocast_matches_fp32(loss_name: str, pilot: str) -> None:
+    """The v2 suites train in bf16 autocast: the meta-gradient (first_order_exact with a forward JVP,
+    and second_order) stays within bf16 rounding of the fp32 second-order one."""
+    ctx = _text_setup(loss_name, student_layers=2 if loss_name == "pkd" else 1, dropout=True)
+    ctx.teacher.float()
+    ctx.student.float()
+    ctx.student_opt = torch.optim.AdamW(ctx.student.parameters(), lr=1e-3)
+    kw: dict[str, object] = {"pilot": "adam"} if pilot == "adam" else {"pilot_lr": 0.5}
+    if pilot == "adam":
+        _adam_student(ctx, steps=3)
+    ref = _meta_grad(ctx, meta_grad="second_order", **kw)
+    bf16 = dataclasses.replace(ctx, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    for meta_grad in ("first_order_exact", "second_order"):
+        got = _meta_grad(bf16, meta_grad=meta_grad, **kw)
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert 1e-5 < rel < 0.02, (meta_grad, rel)  # > 0: autocast did run in bf16
+
+
 def test_implementations_agree_with_dropout_and_keep_global_rng() -> None:
     ctx = _text_setup("kd", dropout=True)
     state = torch.get_rng_state()

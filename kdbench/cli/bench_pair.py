@@ -1,7 +1,8 @@
 """The benchmark's teacher/student pair, its rows (one per registered method variant) and steps.
 
 Shapes (:data:`SHAPES`): ``minilm``: all-MiniLM-L6-v2 from ``../shared/hf`` + a 2-layer
-``pick-layers`` student (falls back to ``tiny`` when the cache is absent); ``bert-base``: a
+``pick-layers`` student (from the HF cache or hub when ../shared/hf is absent; no fallback to
+another shape); ``bert-base``: a
 12-layer 768-wide 12-head BERT built from a ``transformers.BertConfig`` (random init, 30,522-token
 embedding) + 6 layers picked from it, SDPA attention, T=128; ``tiny``: the same code path at 4
 layers x 64 wide + 2 layers. Rows come from the method registry: every registered method (third
@@ -11,7 +12,6 @@ party ones included) is one row, or one row per variant its :attr:`kdbench.Metho
 from __future__ import annotations
 
 import tomllib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -157,8 +157,8 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
                device: str = "cpu", attn: str = "", seed: int = 0, host: Host | None = None) -> Pair:
     """Build the :data:`SHAPES` pair and one fixed random batch of ``batch`` x ``seq_len`` tokens.
 
-    0 / "" take the shape's default. ``minilm`` falls back to ``tiny`` (with a warning) when
-    ../shared/hf is absent.
+    0 / "" take the shape's default. ``minilm`` loads from ../shared/hf where that holds the
+    checkpoint, else as ``from_pretrained`` does ($HF_HOME, then the hub); a failed load is an error.
     """
     from kdbench.contract.tensors import TaskData, TensorSplit
     from kdbench.engine.training import generator, seed_for, transform
@@ -167,9 +167,6 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
         raise ConfigError(f"bench --shape {shape!r}: use one of {', '.join(SHAPES)}.{suggest(shape, list(SHAPES))}")
     if attn and attn not in ATTN:
         raise ConfigError(f"bench --attn {attn!r}: use one of {', '.join(ATTN)}")
-    if shape == "minilm" and not minilm_available():
-        warnings.warn(f"{SHARED_HF} has no {MINILM}; benchmarking the tiny pair instead", stacklevel=2)
-        shape = "tiny"
     spec = SHAPES[shape]
     seq_len, attn = seq_len or spec.seq_len, attn or spec.attn
     host = host or bench_host()
@@ -177,8 +174,8 @@ def build_pair(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
     task = task_cls(task_cls.Config())
     model_cls = host.models.get(spec.model)
     if spec.checkpoint:
-        kind = model_cls(model_cls.Config(checkpoint=spec.checkpoint, attn_implementation=attn,
-                                          cache_dir=str(SHARED_HF / "hub"), local_files_only=True))
+        local = {"cache_dir": str(SHARED_HF / "hub"), "local_files_only": True} if minilm_available() else {}
+        kind = model_cls(model_cls.Config(checkpoint=spec.checkpoint, attn_implementation=attn, **local))
     else:
         kind = model_cls(model_cls.Config(**{"max_position": max(128, seq_len), **spec.options},
                                           attn_implementation=attn))
