@@ -544,3 +544,20 @@ def test_frozen_teacher_metadistil_trains_exactly_like_kd(make_host: Any, run_ti
     assert frozen["history"] == kd["history"]
     assert frozen["extra"]["last_metrics"]["loss/total"] == kd["extra"]["last_metrics"]["loss/total"]
     assert moving["extra"]["last_metrics"]["loss/total"] != kd["extra"]["last_metrics"]["loss/total"]
+
+
+def test_quiz_probe_measures_the_whole_split_without_changing_training(make_host: Any, run_tiny: Any) -> None:
+    """``quiz_probe``: the cells train exactly as without it; the logged cosine is 1 when the update
+    already uses the whole quiz split, in (-1, 1) for one batch; the time ratio is positive."""
+    host = make_host()
+    off = run_tiny(host, "metadistil", steps=8)
+    on = run_tiny(host, "metadistil", steps=8, overrides=["teacher_update.metadistil.quiz_probe=2"])
+    whole = run_tiny(host, "metadistil", steps=8, overrides=[  # 42 quiz rows: 3 equal batches
+        "teacher_update.metadistil.quiz_probe=2", "teacher_update.metadistil.quiz_batches=0", "train.batch_size=14"])
+    assert off["status"] == on["status"] == whole["status"] == "ok"
+    assert on["history"] == off["history"] and on["run_id"] != off["run_id"]
+    last, last_off = on["extra"]["last_metrics"], off["extra"]["last_metrics"]
+    assert last["loss/total"] == last_off["loss/total"] and "teacher/quiz_probe_cos" not in last_off
+    assert last["teacher/quiz_probe_n"] == 4 and last["teacher/quiz_probe_cost"] > 0
+    assert -1 < last["teacher/quiz_probe_cos"] < 0.9999
+    assert whole["extra"]["last_metrics"]["teacher/quiz_probe_cos"] == pytest.approx(1.0, abs=1e-5)

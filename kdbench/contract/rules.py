@@ -136,8 +136,9 @@ class TeacherUpdate:
       its inner update and teacher step. The rule must leave the student's parameters,
       buffers and optimizer state as it found them (the runner then takes the real student step
       with the updated teacher). Return metrics to log, e.g. ``{"teacher/grad_norm": ...}``:
-      the loop sums them on the device and logs their *mean over the window* of
-      ``train.log_every`` steps (one host sync per window), so log per-step quantities.
+      the loop sums them on the device and logs each key's *mean over the steps of the window*
+      of ``train.log_every`` steps that returned it (one host sync per window), so log per-step
+      quantities; a key in ``gauges`` (a running total) is logged as its latest value instead.
     * ``state_dict()`` / ``load_state_dict()`` persist the rule's own state (teacher optimizer,
       counters) in checkpoints, so a resumed cell continues exactly.
 
@@ -146,6 +147,7 @@ class TeacherUpdate:
     * ``changes_teacher``: True if the teacher's weights change; switches teacher-output caching
       off and makes the runner checkpoint the teacher.
     * ``needs_quiz``: True if the rule draws held-out quiz batches (``ctx.quiz``).
+    * ``gauges``: metric keys of ``step`` that are running totals (logged as the latest value).
     * ``Config``: frozen dataclass of the rule's options. Declare types (``Literal[...]`` for a
       choice) and bounds (``kdbench.option(0.1, gt=0)``), and put any other rule in a
       ``validate(self) -> list[str]`` method: the host checks all of it at plan time, before
@@ -160,6 +162,7 @@ class TeacherUpdate:
     Config: ClassVar[type] = NoConfig
     changes_teacher: ClassVar[bool] = False
     needs_quiz: ClassVar[bool] = False
+    gauges: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

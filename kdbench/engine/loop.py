@@ -174,8 +174,8 @@ class Loop:
         if self.cache_teacher and self.teacher is not None:
             self.tcache = teacher_cache(self.teacher, self.task, self.train_split,
                                         self.ctx.want, cfg, self.device, self.autocast)
-        acc: dict[str, Tensor] = {}
-        nacc = 0
+        acc: dict[str, Tensor] = {}  # per key: the sum over the window's steps that reported it, and their count
+        nacc: dict[str, int] = {}
         progress(st.step, self.total_steps)
         while st.epoch < self.epochs and not self._capped():
             self.loss.begin_epoch(st.epoch, self.epochs)
@@ -194,11 +194,11 @@ class Loop:
                 st.samples += len(batch)
                 progress(st.step, self.total_steps)
                 for k, v in metrics.items():
-                    acc[k] = acc.get(k, 0) + v
-                nacc += 1
+                    acc[k] = v if k in self.rule.gauges else acc.get(k, 0) + v
+                    nacc[k] = 1 if k in self.rule.gauges else nacc.get(k, 0) + 1
                 if st.step % cfg.log_every == 0 or self._capped():
                     self._flush(acc, nacc)
-                    acc, nacc = {}, 0
+                    acc, nacc = {}, {}
                 if self.checkpoint and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                     st.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ class Loop:
                     break
             if acc:
                 self._flush(acc, nacc)
-                acc, nacc = {}, 0
+                acc, nacc = {}, {}
             st.train_seconds += time.perf_counter() - t0
             self._end_epoch()
             if self.checkpoint and not self._capped():
@@ -263,12 +263,12 @@ class Loop:
     def _capped(self) -> bool:
         return bool(self.cfg.max_steps) and self.state.step >= self.cfg.max_steps
 
-    def _flush(self, acc: dict[str, Tensor], n: int) -> None:
+    def _flush(self, acc: dict[str, Tensor], n: dict[str, int]) -> None:
         """Read accumulated device metrics once (one host sync), check finiteness, log.
 
         A non-finite loss anywhere in the window makes the cell ``diverged`` (the check runs every
         ``log_every`` steps and at the end of every epoch, so no per-step host sync is needed)."""
-        values = {k: float(v) / n for k, v in acc.items()}
+        values = {k: float(v) / n[k] for k, v in acc.items()}
         bad = [k for k, v in values.items() if k.startswith("loss/") and not math.isfinite(v)]
         if bad:
             raise Diverged(self.state.step, bad[0])

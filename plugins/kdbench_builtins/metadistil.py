@@ -44,8 +44,9 @@ and the finite differences see the same masks. Both are exact for one pilot step
 Deliberate deviations from the reference code:
 
 * quiz = a seeded 10% split of train (the paper's 9:1), never dev (the NLP code used dev);
-  ``quiz_batches`` (k, default 1) batches per update; ``quiz_batches = 0`` is the reference's
-  whole held set every round;
+  ``quiz_batches`` (k, default 1) batches per update, an unbiased estimate of the whole-split
+  meta-gradient at 1/(size/k) of its quiz cost; ``quiz_batches = 0`` is the reference's whole held
+  set every round; ``quiz_probe = N`` measures, every N updates, the cosine between the two;
 * one pilot batch per round (``num_meta_batches = 1``); ``every`` spaces the teacher updates;
 * PKD term off by default: the pilot loss is the run's loss, so ``metadistil`` uses ``kd`` and
   ``metadistil-pkd`` uses ``pkd`` (the NLP code's β = 100 PKD-skip term, pilot and real step);
@@ -57,6 +58,7 @@ Deliberate deviations from the reference code:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,7 +66,7 @@ import torch
 from torch import Tensor
 
 import kdbench
-from kdbench import ConfigError, Method, NotApplicable, StepContext, StepCost, TeacherUpdate
+from kdbench import Batch, ConfigError, Method, NotApplicable, StepContext, StepCost, TeacherUpdate
 from kdbench_builtins.metadistil_grad import MetaSpec, adam_problem, adam_slots, meta_gradient
 
 PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with Meta Learning. "
@@ -94,6 +96,9 @@ class MetaDistilConfig:
     meta_grad: Literal["first_order_exact", "second_order"] = "first_order_exact"  # "first_order_exact" | "second_order" (reference)
     jvp: Literal["forward", "finite_difference"] = "forward"  # first_order_exact: "forward" (torch.func.jvp) | "finite_difference"
     fd_eps: float = kdbench.option(1e-3, gt=0)  # finite_difference: ε relative to ‖θ_S‖/‖w‖ (w: the JVP direction)
+    quiz_probe: int = kdbench.option(0, ge=0, id_default=0)  # diagnostic: every N teacher updates, also the
+    # whole-quiz-split meta-gradient (same pilot batch and dropout masks; the update still uses quiz_batches):
+    # logs the running mean of its cosine with the one used and of the time ratio; 0 = off
 
 
 class MetaDistil(TeacherUpdate):
@@ -104,6 +109,7 @@ class MetaDistil(TeacherUpdate):
     Config = MetaDistilConfig
     changes_teacher = True
     needs_quiz = True
+    gauges = frozenset({"teacher/quiz_probe_cos", "teacher/quiz_probe_cost", "teacher/quiz_probe_n"})
 
     def cost_model(self, *, live_teacher: bool = True) -> StepCost:
         """Forward-pass units (F_T, F_S): the real step (F_T+3F_S) plus, every ``every`` steps, the
@@ -121,6 +127,7 @@ class MetaDistil(TeacherUpdate):
         self.student_lr0 = 0.0  # student lr at prepare (for pilot_lr_schedule="student")
         self.student_lr_start: float | None = None  # student lr at the first teacher update
         self._pending: dict[str, Any] | None = None
+        self.probe = {"n": 0.0, "cos": 0.0, "cost": 0.0}  # quiz_probe sums
 
     def prepare(self, ctx: StepContext) -> dict[str, float]:
         """Check the loss and quiz stream; make the teacher trainable; build its optimizer."""
@@ -143,6 +150,9 @@ class MetaDistil(TeacherUpdate):
         if c.quiz_batches == 0 and quiz_split is None:
             raise ConfigError("teacher_update 'metadistil' quiz_batches = 0 (the whole quiz split) needs a "
                               "quiz split in the task data")
+        if c.quiz_probe and quiz_split is None:
+            raise ConfigError("teacher_update 'metadistil' quiz_probe > 0 compares with the whole quiz split, "
+                              "which the task data lacks; set quiz_probe = 0")
         if c.quiz_batches == 0 and quiz_split is not None:
             self.n_quiz = quiz_split.num_batches(min(size, len(quiz_split)))
         ctx.teacher.requires_grad_(True)
@@ -190,7 +200,16 @@ class MetaDistil(TeacherUpdate):
             raise RuntimeError("MetaDistil.step called before prepare()")
         if self.student_lr_start is None:
             self.student_lr_start = float(ctx.student_opt.param_groups[0]["lr"])
-        grads, metrics = self.meta_gradient(ctx)
+        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
+        quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]  # type: ignore[union-attr]  # prepare checked it
+        t0 = time.perf_counter()
+        grads, metrics = self.meta_gradient(ctx, quiz, seed)
+        if self.cfg.quiz_probe and self.updates % self.cfg.quiz_probe == 0:
+            self._probe(ctx, grads, seed, time.perf_counter() - t0)
+        if self.probe["n"]:
+            n = self.probe["n"]
+            metrics |= {"teacher/quiz_probe_cos": self.probe["cos"] / n,
+                        "teacher/quiz_probe_cost": self.probe["cost"] / n, "teacher/quiz_probe_n": n}
         params = list(ctx.teacher.parameters())
         for p, g in zip(params, grads, strict=True):
             p.grad = g
@@ -204,20 +223,38 @@ class MetaDistil(TeacherUpdate):
         self.updates += 1
         return {**metrics, "teacher/grad_norm": float(norm), "teacher/lr": lr}
 
-    def meta_gradient(self, ctx: StepContext) -> tuple[list[Tensor], dict[str, float]]:
-        """``d L_quiz(θ'_S(θ_T)) / d θ_T``, one tensor per teacher parameter; nothing is updated."""
-        if ctx.batch is None or ctx.quiz is None:
+    def meta_gradient(self, ctx: StepContext, quiz: list[Batch] | None = None,
+                      seed: int | None = None) -> tuple[list[Tensor], dict[str, float]]:
+        """``d L_quiz(θ'_S(θ_T)) / d θ_T`` on the pilot batch ``ctx.batch``, one tensor per teacher
+        parameter; nothing is updated. ``quiz`` / ``seed`` (the pilot's dropout masks) default to the
+        next ``quiz_batches`` batches of ``ctx.quiz`` and a draw from ``ctx.generator``."""
+        if ctx.batch is None or (quiz is None and ctx.quiz is None):
             raise RuntimeError("MetaDistil.meta_gradient needs ctx.batch and ctx.quiz")
-        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
-        quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.generator.device))
+        if quiz is None:
+            quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]  # type: ignore[union-attr]
         c = self.cfg
         adam = adam_slots(ctx.student_opt, ctx.student) if c.pilot == "adam" else None
-        spec = MetaSpec(c.meta_grad, c.jvp, c.fd_eps, self.n_quiz, self.pilot_lr(ctx), adam, seed)
+        spec = MetaSpec(c.meta_grad, c.jvp, c.fd_eps, len(quiz), self.pilot_lr(ctx), adam, seed)
         return meta_gradient(ctx, spec, ctx.batch, quiz)
+
+    def _probe(self, ctx: StepContext, grads: list[Tensor], seed: int, seconds: float) -> None:
+        """``quiz_probe``: the whole quiz split's meta-gradient at the same θ_T, pilot batch and
+        masks (unaugmented, in order; the quiz stream and ``ctx.generator`` are not advanced)."""
+        split = ctx.data.splits["quiz"]  # type: ignore[union-attr]
+        size = min(int(getattr(ctx.train, "batch_size", 1)), len(split))
+        t0 = time.perf_counter()
+        whole, _ = self.meta_gradient(ctx, [b.to(ctx.device) for b in split.batches(size)], seed)
+        ratio = (time.perf_counter() - t0) / max(seconds, 1e-9)
+        a, b = (torch.cat([g.reshape(-1).float() for g in gs]) for gs in (grads, whole))
+        self.probe["cos"] += float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        self.probe["cost"] += ratio
+        self.probe["n"] += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Teacher optimizer state, update counter and the student-lr references."""
-        return {"updates": self.updates, "student_lr0": self.student_lr0,
+        return {"updates": self.updates, "student_lr0": self.student_lr0, "probe": dict(self.probe),
                 "student_lr_start": self.student_lr_start,
                 "opt": self.opt.state_dict() if self.opt is not None else None}
 
@@ -226,6 +263,7 @@ class MetaDistil(TeacherUpdate):
         self.updates = int(state["updates"])
         self.student_lr0 = float(state["student_lr0"])
         self.student_lr_start = state["student_lr_start"]
+        self.probe = dict(state.get("probe", {"n": 0.0, "cos": 0.0, "cost": 0.0}))  # absent before quiz_probe
         if self.opt is None:
             self._pending = state
         elif state["opt"] is not None:
