@@ -255,3 +255,20 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
     assert not re.search(r"\| kd +\| toy/a dev/accuracy +\| 85", page)
     write_plan_file(tmp_path / "r", [], **{**ROLES, "baseline_method": "no-kd"})
     assert "Δ vs no-kd" in render(tmp_path / "r")
+
+
+def test_convergence_table_marks_students_still_climbing(tmp_path):
+    """Last-epoch change from each cell's per-epoch history (mean over seeds, x100), the selected
+    epoch 1-based; +0.5 point or more is marked; the teacher row has no such line."""
+    rows = matrix({"kd": 0.70, "meta-kd": 0.60, "teacher": 0.85}, seeds=(0, 1))
+    for r in rows:
+        if r["method"] == "kd":  # flat: 0.700 -> 0.702 / 0.698 -> 0.698
+            r["history"] = [{"dev/accuracy": 0.6}, {"dev/accuracy": 0.700}, {"dev/accuracy": 0.702 - 0.004 * r["seed"]}]
+        elif r["method"] == "meta-kd":  # still climbing: +2 and +1 points
+            r["history"] = [{"dev/accuracy": 0.50}, {"dev/accuracy": 0.58 + 0.01 * r["seed"]}, {"dev/accuracy": 0.60}]
+            r["protocol"]["best_epoch"] = 2
+    page = render_markdown(board_of(tmp_path, rows), "mine", ROLES)
+    assert "Convergence (per-epoch history" in page
+    assert re.search(r"\| kd +\| toy/a dev/accuracy +\| 3 +\| 2\.0 +\| \+0\.0 +\| 2 ", page)
+    assert re.search(r"\| meta-kd +\| toy/a dev/accuracy +\| 3 +\| 3\.0 +\| \+1\.5 ↗ +\| 2 ", page)
+    assert not re.search(r"\| teacher +\| toy/a dev/accuracy +\| \d", page.split("Convergence")[1])

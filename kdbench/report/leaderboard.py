@@ -6,8 +6,9 @@ it, the trivial predictor (``result["baseline"]``); columns are each task's prim
 average; cells are ``mean ± std (n)`` over seeds, x100. Cost columns: wall time per cell, training
 samples/s, peak memory. A task where the teacher cannot teach (``no_headroom``) stays visible but
 is left out of the average and of the paired marks. A paired table gives every method's difference
-to the suite's reference method (the plan's ``baseline_method``; same task, student and seed) with a bootstrap 95 % interval, and a
-teacher-after table shows what methods that move the teacher did to it.
+to the suite's reference method (the plan's ``baseline_method``; same task, student and seed) with a bootstrap 95 % interval, a
+teacher-after table shows what methods that move the teacher did to it, and a convergence table
+what each cell's last epoch still changed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ HIDDEN_SPLITS = ("heldout", "quiz")  # carved from train for selection / meta-le
 TEACHER_OVER_TRIVIAL = 5.0  # x100 points: a teacher this close to the trivial predictor learnt nothing
 TEACHER_OVER_NO_KD = 1.0  # x100 points: a student alone this close to the teacher has nothing to learn
 NO_HEADROOM = "†"
+STILL_CLIMBING = 0.5  # x100 points: a last epoch that adds this much on average means an unconverged student
 
 Columns = list[tuple[str, str]]
 
@@ -255,4 +257,31 @@ def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd:
             rows.append({"Method": method, "Task": f"{task} {key}", "Teacher at start": _cell(start),
                          "Teacher after": _cell(after), "KL to start": _mean(kl, ".3g"),
                          "Param drift": _mean(drift, ".3g"), "Seeds": len(cells)})
+    return pd.DataFrame(rows)
+
+
+def convergence_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: str = "") -> pd.DataFrame:
+    """Per method and column: epochs run, the mean (1-based) epoch the selection split chose, and the
+    last epoch's change of the column's metric (x100, mean over seeds, from the per-epoch history);
+    a mean change of at least STILL_CLIMBING points is marked: the budget stopped a student that was
+    still improving."""
+    sub = student_rows(board, student)
+    ok = sub[(sub["status"] == "ok") & (sub["method"] != TEACHER)]
+    rows: list[dict[str, Any]] = []
+    for method in method_order(ok["method"].unique(), no_kd):
+        for task, key in cols:
+            cells = [r for r in ok[(ok["method"] == method) & (ok["task"] == task)]["result"]
+                     if len(r.get("history") or []) >= 2 and key]
+            deltas = [100 * (a - b) for r in cells
+                      if (a := _number(r["history"][-1].get(key))) is not None
+                      and (b := _number(r["history"][-2].get(key))) is not None]
+            if not deltas:
+                continue
+            best = [int(r["protocol"]["best_epoch"]) + 1 for r in cells if "best_epoch" in (r.get("protocol") or {})]
+            mean = float(np.mean(deltas))
+            rows.append({"Method": method, "Task": f"{task} {key}",
+                         "Epochs": "/".join(sorted({str(len(r["history"])) for r in cells})),
+                         "Selected epoch": _mean(best, ".1f"),
+                         "Last-epoch Δ": f"{mean:+.1f}" + (" ↗" if mean >= STILL_CLIMBING else ""),
+                         "Seeds": len(deltas)})
     return pd.DataFrame(rows)

@@ -28,7 +28,9 @@ from kdbench.report.leaderboard import (
     MIN_SEEDS_FOR_CI,
     NO_HEADROOM,
     RANGE_SEEDS,
+    STILL_CLIMBING,
     TRIVIAL,
+    convergence_table,
     method_table,
     no_headroom,
     paired_table,
@@ -143,6 +145,12 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
                       "score at the end next to the fine-tuned teacher it started from, x100; mean KL to "
                       "that start and parameter drift at the end; means over seeds):", "",
                       after.to_markdown(index=False, disable_numparse=True), ""]
+        conv = convergence_table(board, student, cols, no_kd)
+        if not conv.empty:
+            lines += [f"Convergence (per-epoch history; mean over seeds): epochs run, the epoch the selection "
+                      f"split chose (1-based), and the last epoch's change of the reported score, x100 "
+                      f"(↗: +{STILL_CLIMBING:g} or more, a student still improving when the budget ended):", "",
+                      conv.to_markdown(index=False, disable_numparse=True), ""]
     return lines
 
 
