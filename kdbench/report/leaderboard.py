@@ -14,7 +14,7 @@ what each cell's last epoch still changed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -230,7 +230,7 @@ def paired_table(board: pd.DataFrame, student: str, which: str, base_method: str
     return pd.DataFrame(rows)
 
 
-def _mean(values: list[float], fmt: str) -> str:
+def _mean(values: Sequence[float], fmt: str) -> str:
     return format(float(np.mean(values)), fmt) if values else ""
 
 
