@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,31 @@ def test_planfile_tool_writes_the_committed_plan(tmp_path, capsys):
     assert (tmp_path / "q" / PLAN_FILE).read_text(encoding="utf-8") == committed.read_text(encoding="utf-8")
     assert main(["no-such-suite", str(tmp_path / "x")]) != 0
     assert capsys.readouterr().err.startswith("kdbench: error: ") and not (tmp_path / "x").exists()
+
+
+DECIMAL = re.compile(r"[-+]?\d+\.\d+")
+
+
+def unsourced_numbers(readme: str, pages: dict[str, str]) -> list[str]:
+    """Decimal numbers of ``readme`` that no generated page holds: each paragraph or bullet is
+    checked against the pages it names (`` `glue-small.md` ``), else against all of them."""
+    bad = []
+    for block in re.split(r"\n\s*\n|\n(?=\s*[*-] )", readme):
+        named = [name for name in pages if f"{name}" in block] or list(pages)
+        text = "\n".join(pages[name] for name in named)
+        for num in DECIMAL.findall(block):
+            if not re.search(r"(?<![\d.])" + re.escape(num.lstrip("+-")) + r"(?![\d])", text):
+                bad.append(f"{num} ({', '.join(named)}): {block.strip()[:80]!r}")
+    return bad
+
+
+def test_every_number_in_the_leaderboards_readme_is_on_a_generated_page():
+    pages = {p.name: p.read_text(encoding="utf-8") for p in (REPO / "leaderboards").glob("*.md")
+             if p.name != "README.md"}
+    readme = (REPO / "leaderboards" / "README.md").read_text(encoding="utf-8")
+    assert unsourced_numbers(readme, pages) == []
+    # the check itself: a number the named page lacks is reported, one it holds is not
+    fake = {"a.md": "| kd | 80.6 (1) | +0.46 |", "b.md": "| kd | 71.3 (1) |"}
+    assert unsourced_numbers("* kd scores 80.6 on `a.md`, +0.46 over no-KD.\n* and 71.3 on `a.md`.", fake) == [
+        "71.3 (a.md): '* and 71.3 on `a.md`.'"]
+    assert unsourced_numbers("kd: 71.3 somewhere.", fake) == []
