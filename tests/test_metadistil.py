@@ -548,12 +548,13 @@ def test_frozen_teacher_metadistil_trains_exactly_like_kd(make_host: Any, run_ti
 
 def test_quiz_probe_measures_the_whole_split_without_changing_training(make_host: Any, run_tiny: Any) -> None:
     """``quiz_probe``: the cells train exactly as without it; the logged cosine is 1 when the update
-    already uses the whole quiz split, in (-1, 1) for one batch; the time ratio is positive."""
+    already uses the whole quiz split (in another order and partition: the quiz loss is a mean over
+    examples, not over batches of unequal size), in (-1, 1) for one batch; the time ratio is positive."""
     host = make_host()
     off = run_tiny(host, "metadistil", steps=8)
     on = run_tiny(host, "metadistil", steps=8, overrides=["teacher_update.metadistil.quiz_probe=2"])
-    whole = run_tiny(host, "metadistil", steps=8, overrides=[  # 42 quiz rows: 3 equal batches
-        "teacher_update.metadistil.quiz_probe=2", "teacher_update.metadistil.quiz_batches=0", "train.batch_size=14"])
+    whole = run_tiny(host, "metadistil", steps=8, overrides=[  # 42 quiz rows: batches of 16, 16 and 10
+        "teacher_update.metadistil.quiz_probe=2", "teacher_update.metadistil.quiz_batches=0"])
     assert off["status"] == on["status"] == whole["status"] == "ok"
     assert on["history"] == off["history"] and on["run_id"] != off["run_id"]
     last, last_off = on["extra"]["last_metrics"], off["extra"]["last_metrics"]

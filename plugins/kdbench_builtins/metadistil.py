@@ -46,7 +46,9 @@ Deliberate deviations from the reference code:
 * quiz = a seeded 10% split of train (the paper's 9:1), never dev (the NLP code used dev);
   ``quiz_batches`` (k, default 1) batches per update, an unbiased estimate of the whole-split
   meta-gradient at 1/(size/k) of its quiz cost; ``quiz_batches = 0`` is the reference's whole held
-  set every round; ``quiz_probe = N`` measures, every N updates, the cosine between the two;
+  set every round; ``quiz_probe = N`` measures, every N updates, the cosine between the two; the
+  quiz loss is the mean over the update's quiz *examples* (the reference averages batch means, which
+  gives the rows of a short last batch more weight: 3 rows weighed like 32 on a 163-row split);
 * one pilot batch per round (``num_meta_batches = 1``); ``every`` spaces the teacher updates;
 * PKD term off by default: the pilot loss is the run's loss, so ``metadistil`` uses ``kd`` and
   ``metadistil-pkd`` uses ``pkd`` (the NLP code's β = 100 PKD-skip term, pilot and real step);
@@ -236,7 +238,7 @@ class MetaDistil(TeacherUpdate):
             quiz = [ctx.quiz.next() for _ in range(self.n_quiz)]  # type: ignore[union-attr]
         c = self.cfg
         adam = adam_slots(ctx.student_opt, ctx.student) if c.pilot == "adam" else None
-        spec = MetaSpec(c.meta_grad, c.jvp, c.fd_eps, len(quiz), self.pilot_lr(ctx), adam, seed)
+        spec = MetaSpec(c.meta_grad, c.jvp, c.fd_eps, sum(len(q) for q in quiz), self.pilot_lr(ctx), adam, seed)
         return meta_gradient(ctx, spec, ctx.batch, quiz)
 
     def _probe(self, ctx: StepContext, grads: list[Tensor], seed: int, seconds: float) -> None:

@@ -103,7 +103,7 @@ class MetaSpec:
     meta_grad: str  # "second_order" | "first_order_exact"
     jvp: str  # "forward" | "finite_difference"
     fd_eps: float
-    n_quiz: int  # quiz batches (the quiz loss is their mean)
+    quiz_rows: int  # examples in the update's quiz batches (the quiz loss is their mean)
     lam: float  # λ of the SGD pilot at this step
     adam: dict[str, AdamSlot] | None  # the Adam pilot's state per parameter name; None: SGD pilot
     seed: int  # dropout seed of the pilot-batch student forwards
@@ -186,7 +186,7 @@ def quiz_loss(ctx: StepContext, spec: MetaSpec, fast: Mapping[str, Tensor], buff
     """One quiz batch's share of ``L_q``: the student in eval mode with the pilot weights."""
     with _autocast(ctx):
         out = _call(ctx.student, fast, buffers, q.inputs, frozenset(), train=False)
-    return hard_loss(out.logits, q.labels, ctx.task.is_regression) / spec.n_quiz
+    return hard_loss(out.logits, q.labels, ctx.task.is_regression) * (len(q) / spec.quiz_rows)
 
 
 def teacher_forward(ctx: StepContext, batch: Batch) -> ModelOutput:
