@@ -161,10 +161,9 @@ def test_unknown_shape_is_a_config_error() -> None:
 def test_minilm_shape_reads_shared_hf_and_never_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pair reads ../shared/hf beside the repo; a checkpoint that does not load is a ConfigError
     naming it, not a silent switch to another shape."""
-    from conftest import SHARED
-
-    assert bench_pair.SHARED_HF == SHARED / "hf"
-    assert bench_pair.minilm_available() == (SHARED / "hf/hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir()
+    shared = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repo
+    assert bench_pair.SHARED_HF == shared / "hf"
+    assert bench_pair.minilm_available() == (shared / "hf/hub/models--sentence-transformers--all-MiniLM-L6-v2").is_dir()
     (tmp_path / "hub/models--sentence-transformers--all-MiniLM-L6-v2").mkdir(parents=True)  # present, empty
     monkeypatch.setattr(bench_pair, "SHARED_HF", tmp_path)
     with pytest.raises(ConfigError, match="all-MiniLM-L6-v2"):
