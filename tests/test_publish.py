@@ -240,6 +240,7 @@ def test_headline_uses_the_heldout_selection_and_reports_dev(tmp_path):
 
 def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
     rows = matrix({"kd": 0.70, "metadistil": 0.75, "no-kd": 0.60, "teacher": 0.85})
+    rows.append(result("teacher", "toy/a", 3, 0.10))  # a seed metadistil has not run: not its start
     for r in rows:
         if r["method"] == "metadistil":
             r["teacher_after"] = {"teacher/dev/accuracy": 0.80, "teacher/dev/kl": 0.0123,

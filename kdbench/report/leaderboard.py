@@ -251,7 +251,8 @@ def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd:
                 continue
             split = key.split("/")[0]
             after = [a for r in cells if (a := _number(r["teacher_after"].get(f"teacher/{key}"))) is not None]
-            start = _values(ok[(ok["method"] == TEACHER) & (ok["task"] == task)], "best", key)
+            seeds = {r.get("seed") for r in cells}  # the teachers these cells started from
+            start = _values(ok[(ok["method"] == TEACHER) & (ok["task"] == task) & ok["seed"].isin(seeds)], "best", key)
             kl = [a for r in cells for name in ("kl", "sq_diff")  # sq_diff: regression
                   if (a := _number(r["teacher_after"].get(f"teacher/{split}/{name}"))) is not None]
             rows.append({"Method": method, "Task": f"{task} {key}", "Teacher at start": _cell(start),
