@@ -69,10 +69,11 @@ def unsourced_numbers(readme: str, pages: dict[str, str]) -> list[str]:
     checked against the pages it names (`` `glue-small.md` ``), else against all of them."""
     bad = []
     for block in re.split(r"\n\s*\n|\n(?=\s*[*-] )", readme):
-        named = [name for name in pages if f"{name}" in block] or list(pages)
+        named = [name for name in pages if name in block] or list(pages)
         text = "\n".join(pages[name] for name in named)
         for num in DECIMAL.findall(block):
-            if not re.search(r"(?<![\d.])" + re.escape(num.lstrip("+-")) + r"(?![\d])", text):
+            pattern = re.escape(num) if num[0] in "+-" else r"[+-]?" + re.escape(num)  # a sign must match
+            if not re.search(r"(?<![\d.])" + pattern + r"(?![\d])", text):
                 bad.append(f"{num} ({', '.join(named)}): {block.strip()[:80]!r}")
     return bad
 
@@ -87,3 +88,4 @@ def test_every_number_in_the_leaderboards_readme_is_on_a_generated_page():
     assert unsourced_numbers("* kd scores 80.6 on `a.md`, +0.46 over no-KD.\n* and 71.3 on `a.md`.", fake) == [
         "71.3 (a.md): '* and 71.3 on `a.md`.'"]
     assert unsourced_numbers("kd: 71.3 somewhere.", fake) == []
+    assert unsourced_numbers("* -0.46 on `a.md`.", fake) == ["-0.46 (a.md): '* -0.46 on `a.md`.'"]

@@ -194,8 +194,9 @@ class Loop:
                 st.samples += len(batch)
                 progress(st.step, self.total_steps)
                 for k, v in metrics.items():
-                    acc[k] = v if k in self.rule.gauges else acc.get(k, 0) + v
-                    nacc[k] = 1 if k in self.rule.gauges else nacc.get(k, 0) + 1
+                    gauge = k in self.rule.gauges  # a running total: keep the latest value
+                    acc[k] = v if gauge else acc.get(k, 0) + v
+                    nacc[k] = 1 if gauge else nacc.get(k, 0) + 1
                 if st.step % cfg.log_every == 0 or self._capped():
                     self._flush(acc, nacc)
                     acc, nacc = {}, {}
