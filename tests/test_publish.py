@@ -259,8 +259,8 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
 
 
 def test_convergence_table_marks_students_still_climbing(tmp_path):
-    """Last-epoch change from each cell's per-epoch history (mean over seeds, x100), the selected
-    epoch 1-based; +0.5 point or more is marked; the teacher row has no such line."""
+    """First-epoch score and last-epoch change from each cell's per-epoch history (means over seeds,
+    x100), the selected epoch 1-based; +0.5 point or more is marked; the teacher row has no such line."""
     rows = matrix({"kd": 0.70, "meta-kd": 0.60, "teacher": 0.85}, seeds=(0, 1))
     for r in rows:
         if r["method"] == "kd":  # flat: 0.700 -> 0.702 / 0.698 -> 0.698
@@ -270,6 +270,6 @@ def test_convergence_table_marks_students_still_climbing(tmp_path):
             r["protocol"]["best_epoch"] = 2
     page = render_markdown(board_of(tmp_path, rows), "mine", ROLES)
     assert "Convergence (per-epoch history" in page
-    assert re.search(r"\| kd +\| toy/a dev/accuracy +\| 3 +\| 2\.0 +\| \+0\.0 +\| 2 ", page)
-    assert re.search(r"\| meta-kd +\| toy/a dev/accuracy +\| 3 +\| 3\.0 +\| \+1\.5 ↗ +\| 2 ", page)
+    assert re.search(r"\| kd +\| toy/a dev/accuracy +\| 3 +\| 2\.0 +\| 60\.0 +\| \+0\.0 +\| 2 ", page)
+    assert re.search(r"\| meta-kd +\| toy/a dev/accuracy +\| 3 +\| 3\.0 +\| 50\.0 +\| \+1\.5 ↗ +\| 2 ", page)
     assert not re.search(r"\| teacher +\| toy/a dev/accuracy +\| \d", page.split("Convergence")[1])

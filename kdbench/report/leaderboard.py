@@ -262,8 +262,9 @@ def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd:
 
 
 def convergence_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: str = "") -> pd.DataFrame:
-    """Per method and column: epochs run, the mean (1-based) epoch the selection split chose, and the
-    last epoch's change of the column's metric (x100, mean over seeds, from the per-epoch history);
+    """Per method and column: epochs run, the mean (1-based) epoch the selection split chose, the
+    column's metric after the first epoch and the last epoch's change of it (x100, means over seeds,
+    from the per-epoch history);
     a mean change of at least STILL_CLIMBING points is marked: the budget stopped a student that was
     still improving."""
     sub = student_rows(board, student)
@@ -279,10 +280,11 @@ def convergence_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: s
             if not deltas:
                 continue
             best = [int(r["protocol"]["best_epoch"]) + 1 for r in cells if "best_epoch" in (r.get("protocol") or {})]
+            first = [100 * a for r in cells if (a := _number(r["history"][0].get(key))) is not None]
             mean = float(np.mean(deltas))
             rows.append({"Method": method, "Task": f"{task} {key}",
                          "Epochs": "/".join(sorted({str(len(r["history"])) for r in cells})),
-                         "Selected epoch": _mean(best, ".1f"),
+                         "Selected epoch": _mean(best, ".1f"), "First epoch": _mean(first, ".1f"),
                          "Last-epoch Δ": f"{mean:+.1f}" + (" ↗" if mean >= STILL_CLIMBING else ""),
                          "Seeds": len(deltas)})
     return pd.DataFrame(rows)

@@ -142,13 +142,15 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
         after = teacher_after_table(board, student, cols, no_kd)
         if not after.empty:
             lines += ["Teacher after training, for methods whose rule changes the teacher (the live teacher's "
-                      "score at the end next to the fine-tuned teacher it started from, x100; mean KL to "
-                      "that start and parameter drift at the end; means over seeds):", "",
+                      "score at the end next to the task's fine-tuned teacher, x100: the start of a rule that "
+                      "updates it, or the teacher replaced by a rule that trains its own; mean KL to that "
+                      "fine-tuned teacher and parameter drift from it at the end; means over seeds):", "",
                       after.to_markdown(index=False, disable_numparse=True), ""]
         conv = convergence_table(board, student, cols, no_kd)
         if not conv.empty:
             lines += [f"Convergence (per-epoch history; mean over seeds): epochs run, the epoch the selection "
-                      f"split chose (1-based), and the last epoch's change of the reported score, x100 "
+                      f"split chose (1-based), the reported score after the first epoch and the last epoch's "
+                      f"change of it, x100 "
                       f"(↗: +{STILL_CLIMBING:g} or more, a student still improving when the budget ended):", "",
                       conv.to_markdown(index=False, disable_numparse=True), ""]
     return lines
