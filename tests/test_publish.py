@@ -273,3 +273,17 @@ def test_convergence_table_marks_students_still_climbing(tmp_path):
     assert re.search(r"\| kd +\| toy/a dev/accuracy +\| 3 +\| 2\.0 +\| 60\.0 +\| \+0\.0 +\| 2 ", page)
     assert re.search(r"\| meta-kd +\| toy/a dev/accuracy +\| 3 +\| 3\.0 +\| 50\.0 +\| \+1\.5 ↗ +\| 2 ", page)
     assert not re.search(r"\| teacher +\| toy/a dev/accuracy +\| \d", page.split("Convergence")[1])
+
+
+def test_protocol_names_the_machines_the_cells_ran_on(tmp_path):
+    """The header counts result files per device and CPU model (provenance); one machine type is
+    named once, several are listed with their counts and the warning that they are not bit-paired."""
+    rows = matrix({"kd": 0.70, "teacher": 0.85}, seeds=(0, 1))
+    for r in rows:
+        r["provenance"] = {"device": "cpu", "cpu": "Xeon X"}
+    page = render_markdown(board_of(tmp_path / "one", rows), "mine", ROLES)
+    assert "All cells ran on one machine type (cpu: Xeon X)." in page
+    rows[-1]["provenance"] = {"device": "cpu", "cpu": "EPYC Y"}
+    page = render_markdown(board_of(tmp_path / "two", rows), "mine", ROLES)
+    assert ("Cells ran on 2 machine types (3 on cpu: Xeon X; 1 on cpu: EPYC Y); the CPU model changes float "
+            "rounding") in page

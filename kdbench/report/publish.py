@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,19 @@ def protocol_lines(board: pd.DataFrame, source: str, heldout: bool) -> list[str]
            "selected and reported on dev) and last-epoch tables follow")
     return [f"Protocol: scores x100, mean ± sample std over seeds {seeds} (n per cell in brackets). "
             f"**Best epoch** selected on `{', '.join(chosen) or '?'}` and {how}. Every number comes from a "
-            f"result file under `{source}`.", ""]
+            f"result file under `{source}`. {hardware_line(board)}", ""]
+
+
+def hardware_line(board: pd.DataFrame) -> str:
+    """Which machines produced the result files (their provenance's device and CPU model), with counts:
+    kernels differ per CPU model, so cells of one seed run on different machines share no bits."""
+    seen = Counter(f"{prov.get('device') or '?'}: {prov.get('cpu') or '?'}"
+                   for prov in (r.get("provenance") or {} for r in board["result"]))
+    if len(seen) == 1:
+        return f"All cells ran on one machine type ({next(iter(seen))})."
+    parts = "; ".join(f"{n} on {what}" for what, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"Cells ran on {len(seen)} machine types ({parts}); the CPU model changes float rounding, so a "
+            "seed's cells from different machines are paired by seed and data, not bit for bit.")
 
 
 def student_section(board: pd.DataFrame, student: str, which: str, title: str, base: str,
