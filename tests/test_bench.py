@@ -15,7 +15,7 @@ import kdbench
 from kdbench.cli import bench_pair
 from kdbench.cli.args import build_parser
 from kdbench.cli.bench import KD_STEP, cmd_bench, step_costs
-from kdbench.cli.bench_pair import bench_rows, build_pair, components, row_cost
+from kdbench.cli.bench_pair import bench_rows, build_pair, build_step, components, row_cost
 from kdbench.contract.errors import ConfigError
 from kdbench.engine.manager import Host, make_plugin_manager
 
@@ -178,3 +178,23 @@ def test_bert_base_shape_matches_performance_md() -> None:
     assert pair.seq_len == 128 and pair.teacher.num_layers == 12 and pair.student.num_layers == 6
     assert f_t == pytest.approx(22.35e9, rel=0.01) and f_s == pytest.approx(11.17e9, rel=0.01)
     assert pair.teacher.model.config._attn_implementation == "sdpa"
+
+
+def test_precision_reaches_every_step_and_the_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--precision bf16`` builds each step's loop with bf16 autocast (what the CPU suites run); the
+    rows and the header line say which precision ran; the default on CPU is fp32."""
+    host = _host()
+    pair = build_pair("tiny", seq_len=8, batch=4, host=host)
+    (row,) = bench_rows(host, ("kd (live teacher)",))
+    with build_step(pair, row, precision="bf16").loop.autocast() as ctx:
+        assert isinstance(ctx, torch.autocast) and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not isinstance(build_step(pair, row).loop.autocast(), torch.autocast)
+    args = build_parser().parse_args(["bench", "--shape", "tiny", "--seq-len", "8", "--batch", "4", "--repeats", "1",
+                                      "--threads", "1", "--methods", "kd", "--precision", "bf16",
+                                      "--json", str(tmp_path / "b.json")])
+    assert cmd_bench(args, host=host) == 0
+    assert ", 1 threads, bf16, torch" in capsys.readouterr().out
+    assert {r["precision"] for r in json.loads((tmp_path / "b.json").read_text())} == {"bf16"}
+    rows = step_costs("tiny", seq_len=8, batch=4, repeats=1, threads=1, methods=("kd (live teacher)",), host=host,
+                      memory=False)
+    assert rows[0]["precision"] == "fp32"

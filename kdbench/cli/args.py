@@ -105,6 +105,9 @@ def add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argpar
                         "12L-768 from a BertConfig + 6 layers, SDPA, T=128; tiny: the same at 4L-64 + 2")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the shape's, 64 or 128)")
     p.add_argument("--attn", default="", choices=["", "eager", "sdpa"], help="attention (default: the shape's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="train.precision of every step: auto = bf16 autocast on CUDA, fp32 on CPU (the CPU suites "
+                   "set bf16)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps per method (default: 1 CPU, 3 CUDA)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")

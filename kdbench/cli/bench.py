@@ -99,7 +99,8 @@ def _cost_fields(cost: StepCost | None, f_t: float, f_s: float) -> dict[str, Any
             "model_ratio": cost.flops(f_t, f_s) / KD_STEP.flops(f_t, f_s)}
 
 
-def _prepare(pair: Any, rows: list[BenchRow], warmup: int) -> tuple[list[dict[str, Any]], dict[int, Step]]:
+def _prepare(pair: Any, rows: list[BenchRow], warmup: int,
+             precision: str = "auto") -> tuple[list[dict[str, Any]], dict[int, Step]]:
     """Result rows and the built, warmed-up steps by row index (n-a and failed rows get none)."""
     out: list[dict[str, Any]] = []
     steps: dict[int, Step] = {}
@@ -110,7 +111,7 @@ def _prepare(pair: Any, rows: list[BenchRow], warmup: int) -> tuple[list[dict[st
             loss_cls, _, rule = components(pair.host, row)
             entry.update(_cost_fields(row_cost(loss_cls, rule, bool(row.options.get("cached_teacher"))),
                                       entry["F_T"], entry["F_S"]))
-            step = build_step(pair, row)
+            step = build_step(pair, row, precision=precision)
             for _ in range(warmup):
                 step()
         except (NotApplicable, ConfigError) as exc:
@@ -135,9 +136,10 @@ def _throughput(row: dict[str, Any], peak: float) -> None:
 def step_costs(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0, batch: int = 32,
                repeats: int = 3, device: str = "cpu", threads: int | None = None, warmup: int = 0,
                memory: bool = True, methods: tuple[str, ...] | None = None, attn: str = "",
-               host: Host | None = None) -> list[dict[str, Any]]:
+               host: Host | None = None, precision: str = "auto") -> list[dict[str, Any]]:
     """Time one training step of every registered method's rows (or ``methods``) on one pair.
 
+    ``precision`` is every loop's ``train.precision`` ("auto": bf16 autocast on CUDA, fp32 on CPU).
     All loops are built first and warmed up (``warmup`` steps each; 0: 1 on CPU, 3 on CUDA), then
     timed round-robin (one step of each per round), so a machine whose load drifts slows every
     method alike; ``ratio_kd`` is the median over rounds of the per-round ratio to the first row
@@ -154,7 +156,11 @@ def step_costs(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     pair = build_pair(shape, student_layers, seq_len, batch, device, attn, host=host)
-    out, steps = _prepare(pair, bench_rows(pair.host, methods), warmup or (3 if pair.device.type == "cuda" else 1))
+    out, steps = _prepare(pair, bench_rows(pair.host, methods), warmup or (3 if pair.device.type == "cuda" else 1),
+                          precision)
+    resolved = "bf16" if precision == "bf16" or (precision == "auto" and pair.device.type == "cuda") else "fp32"
+    for entry in out:
+        entry["precision"] = resolved
     runs: dict[int, list[tuple[float, float | None]]] = {i: [] for i in steps}
     for _ in range(repeats):
         for i, step in steps.items():
@@ -215,7 +221,7 @@ def describe(rows: list[dict[str, Any]]) -> str:
     dev = r["device"] + (f" ({torch.cuda.get_device_name(r['device'])})" if r["device"].startswith("cuda") else "")
     return (f"shape {r['shape']}: teacher {r['teacher']} (F_T {r['F_T'] / 1e9:.3f} GFLOP/example), student "
             f"{r['student']} (F_S {r['F_S'] / 1e9:.3f}), B={r['batch']} T={r['seq_len']}, {dev}, "
-            f"{r['threads']} threads, torch {torch.__version__}")
+            f"{r['threads']} threads, {r['precision']}, torch {torch.__version__}")
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -237,7 +243,8 @@ def cmd_bench(args: argparse.Namespace, host: Host | None = None) -> int:
             host = make_host(args)
         rows = step_costs(args.shape, seq_len=args.seq_len, batch=args.batch, repeats=args.repeats,
                           device=args.device, threads=args.threads or None, methods=methods,
-                          attn=getattr(args, "attn", ""), warmup=getattr(args, "warmup", 0), host=host)
+                          attn=getattr(args, "attn", ""), warmup=getattr(args, "warmup", 0), host=host,
+                          precision=getattr(args, "precision", "auto"))
         print(f"{describe(rows)}\n\n{format_table(rows)}\n\n{throughput_table(rows)}")
         payload = rows
     if args.json_path:

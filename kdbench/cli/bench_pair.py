@@ -227,11 +227,11 @@ def row_cost(loss_cls: type[DistillLoss], rule: TeacherUpdate, cached: bool) -> 
     return replace(cost, approx=True) if cost is not None and loss_cls.needs else cost
 
 
-def build_step(pair: Pair, row: BenchRow, lr: float = 5e-5) -> Step:
+def build_step(pair: Pair, row: BenchRow, lr: float = 5e-5, precision: str = "auto") -> Step:
     """ONE production training step of ``row`` on the pair, as a callable :class:`Step`.
 
     Restores the pair, builds the method's loss and rule as :func:`components` does, a
-    :class:`~kdbench.engine.loop.Loop` around them, then ``rule.prepare`` and the teacher cache as
+    :class:`~kdbench.engine.loop.Loop` around them (``precision``: ``train.precision``), then ``rule.prepare`` and the teacher cache as
     ``Loop.run`` does.
 
     Raises:
@@ -247,7 +247,7 @@ def build_step(pair: Pair, row: BenchRow, lr: float = 5e-5) -> Step:
     if cached and (rule.changes_teacher or not loss_cls.uses_teacher):
         raise NotApplicable(f"{row.label}: a cached teacher needs a frozen teacher and a loss that uses it")
     cfg = TrainConfig(epochs=10_000, batch_size=len(pair.batch), lr=lr, schedule="constant",
-                      log_every=10**9, device=str(pair.device))
+                      log_every=10**9, device=str(pair.device), precision=precision)  # type: ignore[arg-type]
     loss = loss_cls(loss_cfg, task=pair.task, teacher=pair.teacher, student=pair.student).to(pair.device)
     loop = Loop(pair.task, pair.data, pair.student, pair.teacher, loss, rule, cfg, 0, pair.device,
                 lambda step, metrics: None, cache_teacher=cached)
