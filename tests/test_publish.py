@@ -287,3 +287,19 @@ def test_protocol_names_the_machines_the_cells_ran_on(tmp_path):
     page = render_markdown(board_of(tmp_path / "two", rows), "mine", ROLES)
     assert ("Cells ran on 2 machine types (3 on cpu: Xeon X; 1 on cpu: EPYC Y); the CPU model changes float "
             "rounding") in page
+
+
+def test_cells_whose_retrained_teacher_scored_differently_are_named(tmp_path):
+    """A cell records the teacher it learnt from; where that teacher's score differs from the teacher
+    row of its task and seed (retrained on another machine), the headline names the cell with both
+    scores; equal scores give no footnote."""
+    rows = matrix({"kd": 0.70, "metadistil": 0.71, "teacher": 0.85}, seeds=(0, 1))
+    for r in rows:
+        if r["method"] != "teacher":
+            r["teacher"] = {"metrics": {"best": {"dev/accuracy": 0.85 + 0.001 * r["seed"]}}}
+    page = render_markdown(board_of(tmp_path / "same", rows), "mine", ROLES)
+    assert "Retrained teachers" not in page
+    rows[3]["teacher"] = {"metrics": {"best": {"dev/accuracy": 0.8489}}}  # metadistil, seed 1
+    page = render_markdown(board_of(tmp_path / "diff", rows), "mine", ROLES)
+    assert ("Retrained teachers: 1 cell(s) learnt from a teacher retrained" in page
+            and "metadistil toy/a seed 1: 84.89 vs 85.10." in page)

@@ -234,6 +234,25 @@ def _mean(values: Sequence[float], fmt: str) -> str:
     return format(float(np.mean(values)), fmt) if values else ""
 
 
+def retrained_teachers(board: pd.DataFrame, student: str, cols: Columns) -> list[tuple[str, str, Any, float, float]]:
+    """Cells whose own teacher scored differently from the teacher row of their task and seed:
+    ``(method, task, seed, the cell's teacher, the teacher cell)`` x100 on the column's key. The
+    teacher checkpoint lives in the local cache, so a cell run on another machine retrains it, and
+    another CPU model rounds differently; every result file records the teacher it used."""
+    sub = student_rows(board, student)
+    ok = sub[sub["status"] == "ok"]
+    teachers = {(r["task"], r["seed"], r["teacher_name"]): r["result"] for _, r in ok[ok["method"] == TEACHER].iterrows()}
+    out = []
+    for task, key in cols:
+        for _, r in ok[(ok["method"] != TEACHER) & (ok["task"] == task)].iterrows():
+            ref = teachers.get((task, r["seed"], r["teacher_name"]))
+            own = _number((((r["result"].get("teacher") or {}).get("metrics") or {}).get("best") or {}).get(key))
+            row = value(ref, "best", key) if ref is not None else None
+            if own is not None and row is not None and own != row:
+                out.append((str(r["method"]), task, r["seed"], 100 * own, 100 * row))
+    return sorted(out, key=lambda t: (t[1], str(t[2]), t[0]))
+
+
 def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: str = "") -> pd.DataFrame:
     """For methods whose rule changed the teacher (non-zero parameter drift; not the teacher row,
     nor the no-KD method ``no_kd``): the live teacher's score at the end (next to the fine-tuned

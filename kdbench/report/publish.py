@@ -36,6 +36,7 @@ from kdbench.report.leaderboard import (
     no_headroom,
     paired_table,
     primary_columns,
+    retrained_teachers,
     selection,
     student_rows,
     teacher_after_table,
@@ -159,6 +160,7 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
                       "updates it, or the teacher replaced by a rule that trains its own; mean KL to that "
                       "fine-tuned teacher and parameter drift from it at the end; means over seeds):", "",
                       after.to_markdown(index=False, disable_numparse=True), ""]
+        lines += retrained_lines(retrained_teachers(board, student, cols))
         conv = convergence_table(board, student, cols, no_kd)
         if not conv.empty:
             lines += [f"Convergence (per-epoch history; mean over seeds): epochs run, the epoch the selection "
@@ -167,6 +169,17 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
                       f"(↗: +{STILL_CLIMBING:g} or more, a student still improving when the budget ended):", "",
                       conv.to_markdown(index=False, disable_numparse=True), ""]
     return lines
+
+
+def retrained_lines(cells: Sequence[tuple[str, str, Any, float, float]]) -> list[str]:
+    """A footnote naming the cells whose teacher was retrained and scored differently (none: no lines)."""
+    if not cells:
+        return []
+    listed = "; ".join(f"{m} {t} seed {s}: {own:.2f} vs {row:.2f}" for m, t, s, own, row in cells)
+    return [f"Retrained teachers: {len(cells)} cell(s) learnt from a teacher retrained from its cached recipe on "
+            f"another machine (the checkpoint stays in the local cache), which scored differently from the "
+            f"teacher row (the cell's teacher vs the row's, x100): {listed}. Each result file records the "
+            "teacher it used.", ""]
 
 
 def paired_section(board: pd.DataFrame, student: str, which: str, base: str,
