@@ -303,3 +303,19 @@ def test_cells_whose_retrained_teacher_scored_differently_are_named(tmp_path):
     page = render_markdown(board_of(tmp_path / "diff", rows), "mine", ROLES)
     assert ("Retrained teachers: 1 cell(s) learnt from a teacher retrained" in page
             and "metadistil toy/a seed 1: 84.89 vs 85.10." in page)
+
+
+def test_cells_not_run_yet_are_priced_from_the_finished_ones(tmp_path, capsys):
+    """Missing cells cost the median wall time of their method's finished cells on the same task,
+    else on any task; a method with no finished cell is counted as not priced."""
+    d = tmp_path / "r"
+    rows = matrix({"kd": 0.6, "teacher": 0.8}, seeds=(0,)) + [result("kd", "toy/b", 0, 0.6, wall_s=3600.0)]
+    for r in rows:
+        write_result(d, r)
+    plan = [cell(m, t, s) for m in ("kd", "teacher", "metadistil") for t in ("toy/a", "toy/b") for s in (0, 1, 2)]
+    write_plan_file(d, plan)
+    assert main(["leaderboard", str(d), "--out-dir", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "r.md").read_text()
+    # kd toy/a: 2 x 10 s; kd toy/b: 2 x 3600 s; teacher toy/a: 2 x 10 s; teacher toy/b: 3 x 10 s (its other task)
+    assert ("the cells not run yet need about 2.0 core-hours (3 priced from their method's other tasks; "
+            "6 not priced (no finished cell of their method)); machine types differ") in page

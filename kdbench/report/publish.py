@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -81,7 +82,7 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
     lines += protocol_lines(board, str(meta.get("source", "?")), heldout)
     if meta.get("budget"):
         lines += [f"Budget: {meta['budget']}", ""]
-    lines += coverage_section(meta.get("coverage"), run) + unreadable_section(meta.get("unreadable"))
+    lines += coverage_section(meta.get("coverage"), run, board) + unreadable_section(meta.get("unreadable"))
     base, no_kd = (str(meta.get(k) or "") for k in ROLE_FACTS)
     for which, title in TABLES:
         if which == "best_on_dev" and not heldout:  # selected on dev already: the headline is this table
@@ -220,8 +221,9 @@ def coverage(cells: Sequence[Mapping[str, Any]], board: pd.DataFrame) -> dict[st
             "missing": missing}
 
 
-def coverage_section(cov: Mapping[str, Any] | None, run: str) -> list[str]:
-    """How much of the plan has results, and a table of the cells not run yet (``run`` runs them)."""
+def coverage_section(cov: Mapping[str, Any] | None, run: str, board: pd.DataFrame | None = None) -> list[str]:
+    """How much of the plan has results, a table of the cells not run yet (``run`` runs them) and,
+    from ``board``'s finished cells, an estimate of their cost."""
     if not cov:
         return []
     head = f"Coverage: {cov['done']} of {cov['planned']} planned cells are done (a result file, or n-a by plan)."
@@ -238,7 +240,34 @@ def coverage_section(cov: Mapping[str, Any] | None, run: str) -> list[str]:
             for (student, task), methods in sorted(cov["missing"].items())]
     return [f"{head} The cells below have no result file yet; `{run}` runs "
             "exactly these (finished cells are skipped).", "",
-            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), "",
+            *([] if board is None or board.empty else [remaining_cost(cov["missing"], board), ""])]
+
+
+def remaining_cost(missing: Mapping[tuple[str, str], Mapping[str, list[int]]], board: pd.DataFrame) -> str:
+    """The cells not run yet, priced at the median wall time of the finished cells of the same method
+    and task, else of the method on any task (one single-threaded job per core: wall time is core
+    time)."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    for _, r in board[board["status"] == "ok"].iterrows():
+        w = r["result"].get("wall_s")
+        if isinstance(w, (int, float)) and w > 0:
+            for key in ((str(r["method"]), str(r["task"])), (str(r["method"]), "")):
+                walls.setdefault(key, []).append(float(w))
+    seconds, borrowed, unpriced = 0.0, 0, 0
+    for (_, task), methods in missing.items():
+        for method, seeds in methods.items():
+            key = (method, task) if (method, task) in walls else (method, "")
+            if key in walls:
+                seconds += statistics.median(walls[key]) * len(seeds)
+                borrowed += len(seeds) if key[1] == "" else 0
+            else:
+                unpriced += len(seeds)
+    notes = [f"{borrowed} priced from their method's other tasks" for _ in [0] if borrowed] + \
+            [f"{unpriced} not priced (no finished cell of their method)" for _ in [0] if unpriced]
+    return (f"At the median wall time of the finished cells of each method and task, the cells not run yet "
+            f"need about {seconds / 3600:.1f} core-hours" + (f" ({'; '.join(notes)})" if notes else "") +
+            "; machine types differ (see the protocol line).")
 
 
 def unreadable_section(errors: Sequence[str] | None) -> list[str]:
