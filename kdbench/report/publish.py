@@ -263,8 +263,8 @@ def remaining_cost(missing: Mapping[tuple[str, str], Mapping[str, list[int]]], b
                 borrowed += len(seeds) if key[1] == "" else 0
             else:
                 unpriced += len(seeds)
-    notes = [f"{borrowed} priced from their method's other tasks" for _ in [0] if borrowed] + \
-            [f"{unpriced} not priced (no finished cell of their method)" for _ in [0] if unpriced]
+    notes = ([f"{borrowed} priced from their method's other tasks"] if borrowed else []) + (
+        [f"{unpriced} not priced (no finished cell of their method)"] if unpriced else [])
     return (f"At the median wall time of the finished cells of each method and task, the cells not run yet "
             f"need about {seconds / 3600:.1f} core-hours" + (f" ({'; '.join(notes)})" if notes else "") +
             "; machine types differ (see the protocol line).")
