@@ -55,18 +55,22 @@ class AdamSlot:
     def direction(self, theta: Tensor, g: Tensor) -> Tensor:
         """``u`` with ``θ' = θ − η·u``: ``m̂'/(√v̂' + eps)`` (+ ``λ_wd·θ`` for AdamW); differentiable
         in ``g`` (a safe square root: zero where ``v̂' = 0``, which is ``g = m = v = 0``)."""
-        _, mh, vh, _, _ = self._moments(theta, g)
-        pos = vh > 0
-        u = mh / (torch.where(pos, vh.where(pos, 1.0).sqrt(), 0.0) + self.eps)
-        return u + self.weight_decay * theta.detach() if self.decoupled and self.weight_decay else u
+        return self.parts(theta, g, derivative=False)[0]
 
-    def derivative(self, theta: Tensor, g: Tensor) -> Tensor:
-        """``∂u/∂g`` elementwise at ``g`` (no autograd): ``c1/s − m̂'·c2·g/(s²·√v̂')``."""
+    def parts(self, theta: Tensor, g: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        """``u`` (:meth:`direction`) and, if ``derivative``, ``∂u/∂g`` elementwise at ``g`` (no
+        autograd): ``c1/s − m̂'·c2·g/(s²·√v̂')``, with ``s = √v̂' + eps``; the moments and ``s`` are
+        computed once for both."""
         ge, mh, vh, c1, c2 = self._moments(theta, g)
         pos = vh > 0
         root = vh.where(pos, 1.0).sqrt()
         s = torch.where(pos, root, 0.0) + self.eps
-        return c1 / s - torch.where(pos, mh * c2 * ge / (s * s * root), 0.0)
+        u = mh / s
+        if self.decoupled and self.weight_decay:
+            u = u + self.weight_decay * theta.detach()
+        if not derivative:
+            return u, None
+        return u, c1 / s - torch.where(pos, mh * c2 * ge / (s * s * root), 0.0)
 
 
 def adam_problem(opt: torch.optim.Optimizer, student: KDModel) -> str | None:
@@ -118,6 +122,16 @@ class MetaSpec:
             return theta - self.lam * g
         slot = self.adam[name]
         return theta - slot.lr * slot.direction(theta, g)
+
+    def fast_and_jacobian(self, name: str, theta: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`fast` and, for the Adam pilot, the step's diagonal Jacobian in ``g`` up to sign,
+        ``η·∂u/∂g`` (None for SGD, whose Jacobian is ``λ·I``)."""
+        if self.adam is None:
+            return theta - self.lam * g, None
+        slot = self.adam[name]
+        u, du = slot.parts(theta, g, derivative=True)
+        assert du is not None
+        return theta - slot.lr * u, slot.lr * du
 
 
 def _up(x: Tensor) -> Tensor:
@@ -231,13 +245,15 @@ def first_order(ctx: StepContext, spec: MetaSpec, batch: Batch, quiz: list[Batch
     t_const = _unflatten([t.detach() for t in _flatten(t_out)], t_out)
     pilot: Tensor = sum(ctx.loss(s_out, t_const, batch).values())  # type: ignore[assignment]
     g = torch.autograd.grad(pilot, [leaves[n] for n in names], allow_unused=True)
-    fast = {n: (spec.fast(n, params[n], gi) if gi is not None else params[n].detach()).requires_grad_()
-            for n, gi in zip(names, g)}
+    fast: dict[str, Tensor] = {}
+    jac: dict[str, Tensor | None] = {}  # Adam pilot: η·D, the step's Jacobian in g (diagonal)
+    for n, gi in zip(names, g):
+        f, jac[n] = spec.fast_and_jacobian(n, params[n], gi) if gi is not None else (params[n].detach(), None)
+        fast[n] = f.requires_grad_()
     # (2) v = ∇_{θ'} L_quiz
     v, q_sum = _quiz_gradient(ctx, spec, params, fast, buffers, quiz)
-    if spec.adam is not None:  # w = η·D·v: the Adam step's Jacobian, diagonal in g
-        v = {n: v[n] * (spec.adam[n].lr * spec.adam[n].derivative(params[n], gi)) if gi is not None
-             else torch.zeros_like(v[n]) for n, gi in zip(names, g)}
+    if spec.adam is not None:  # w = η·D·v
+        v = {n: v[n] * d if (d := jac[n]) is not None else torch.zeros_like(v[n]) for n in names}
     # (3) u = J_s(θ_S)·w on the pilot batch, same dropout masks
     u = jvp(ctx, spec, batch, params, names, buffers0, v)
     # (4) the teacher gradient
