@@ -110,14 +110,17 @@ def protocol_lines(board: pd.DataFrame, source: str, heldout: bool) -> list[str]
            "selected and reported on dev) and last-epoch tables follow")
     return [f"Protocol: scores x100, mean ± sample std over seeds {seeds} (n per cell in brackets). "
             f"**Best epoch** selected on `{', '.join(chosen) or '?'}` and {how}. Every number comes from a "
-            f"result file under `{source}`. {hardware_line(board)}", ""]
+            f"result file under `{source}`." + (f" {hw}" if (hw := hardware_line(board)) else ""), ""]
 
 
 def hardware_line(board: pd.DataFrame) -> str:
     """Which machines produced the result files (their provenance's device and CPU model), with counts:
-    kernels differ per CPU model, so cells of one seed run on different machines share no bits."""
+    kernels differ per CPU model, so cells of one seed run on different machines share no bits ("" when
+    no result file records its machine)."""
     seen = Counter(f"{prov.get('device') or '?'}: {prov.get('cpu') or '?'}"
                    for prov in (r.get("provenance") or {} for r in board["result"]))
+    if set(seen) == {"?: ?"}:  # no cell records its machine
+        return ""
     if len(seen) == 1:
         return f"All cells ran on one machine type ({next(iter(seen))})."
     parts = "; ".join(f"{n} on {what}" for what, n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])))
