@@ -153,12 +153,13 @@ def step_costs(shape: str = "minilm", student_layers: int = 0, seq_len: int = 0,
         ``reason``), plus the pair's ``shape``, ``teacher``, ``student``, ``F_T``, ``F_S``.
     """
     from kdbench.engine.runner import device_peak_flops
+    from kdbench.engine.training import resolve_precision
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     pair = build_pair(shape, student_layers, seq_len, batch, device, attn, host=host)
     out, steps = _prepare(pair, bench_rows(pair.host, methods), warmup or (3 if pair.device.type == "cuda" else 1),
                           precision)
-    resolved = "bf16" if precision == "bf16" or (precision == "auto" and pair.device.type == "cuda") else "fp32"
+    resolved = resolve_precision(pair.device, precision)
     for entry in out:
         entry["precision"] = resolved
     runs: dict[int, list[tuple[float, float | None]]] = {i: [] for i in steps}

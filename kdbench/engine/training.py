@@ -89,13 +89,21 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return g
 
 
-def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    """bf16 autocast for ``bf16`` (any device) and ``auto`` on CUDA; fp32 otherwise."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``"bf16"`` for ``bf16`` (any device) and ``auto`` on CUDA; ``"fp32"`` for ``fp32`` and ``auto``
+    elsewhere."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return "bf16"
     if precision in ("auto", "fp32"):
-        return contextlib.nullcontext
+        return "fp32"
     raise ConfigError(f"precision = {precision!r} is not allowed; use auto, fp32 or bf16")
+
+
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """bf16 autocast where :func:`resolve_precision` says bf16; fp32 (no autocast) otherwise."""
+    if resolve_precision(device, precision) == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 class SplitQuiz(QuizStream):
