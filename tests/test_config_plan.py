@@ -8,7 +8,7 @@ import pytest
 from kdbench.contract.errors import ConfigError
 from kdbench.engine.config import load_suite, parse_overrides
 from kdbench.engine.manager import Host, make_plugin_manager
-from kdbench.engine.plan import expand
+from kdbench.engine.plan import expand, plan_facts
 
 FAKE = str(Path(__file__).with_name("fakeplugin.py"))
 CORE = ("kdbench.engine.runner", "kdbench.report.leaderboard", "kdbench.engine.local")
@@ -256,6 +256,29 @@ def test_all_errors_at_once(host, tmp_path):
     assert "alpha expects float, got str ('0.7')" in msg
     assert "unknown key 'temprature'. Did you mean 'temperature'?" in msg
     assert "unknown key 'epochz'" in msg
+
+
+def test_claims_are_checked_before_anything_runs(host, tmp_path):
+    """[[suite.claims]]: exactly method, over, source (checked when the suite is read), both method
+    names registered (checked when it is planned, with a did-you-mean); good claims reach the plan facts."""
+    good = '[[suite.claims]]\nmethod = "fkd"\nover = "quiz-kd"\nsource = "paper A"\n'
+    typo = '[[suite.claims]]\nmethod = "fkdd"\nover = "quiz-kd"\nsource = "paper B"\n'
+    shape = '[[suite.claims]]\nmethod = "fkd"\novr = "quiz-kd"\nsource = ""\n'
+
+    def suite_with(*claims: str) -> str:
+        return write(tmp_path, SUITE.replace("seeds = [0, 1]\n", "seeds = [0, 1]\n" + "".join(claims)))
+
+    with pytest.raises(ConfigError) as err:
+        load_suite(suite_with(good, shape))
+    msg = str(err.value)
+    assert "[[suite.claims]] #2: unknown key 'ovr'; allowed: method, over, source. Did you mean 'over'?" in msg
+    assert "[[suite.claims]] #2: over must be a non-empty string, got None" in msg
+    assert "[[suite.claims]] #2: source must be a non-empty string, got ''" in msg
+    with pytest.raises(ConfigError, match=r"\[\[suite.claims\]\] #2 method: unknown method 'fkdd'; Did you mean 'fkd'\?"):
+        expand(load_suite(suite_with(good, typo)), host)
+    ok = load_suite(suite_with(good))
+    expand(ok, host)
+    assert plan_facts(ok, host)["claims"] == [{"method": "fkd", "over": "quiz-kd", "source": "paper A"}]
 
 
 def test_quiz_needed_but_disabled_is_na(host, tmp_path):

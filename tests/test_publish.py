@@ -258,6 +258,30 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
     assert "Δ vs no-kd" in render(tmp_path / "r")
 
 
+def test_published_claims_are_judged_on_paired_seeds(tmp_path):
+    """A suite's claim "method beats over" holds when its paired 95 % interval lies above 0, is
+    reversed below it and not shown across it; fewer than 4 paired seeds leave it open, a
+    no-headroom task unjudged, and a method with no cell gives one "not run" row."""
+    seeds = (0, 1, 2, 3, 4)
+    wiggle = (0.01, -0.01, 0.012, -0.008, 0.0)
+    rows = [result(m, task, s, v + 0.001 * s) for task in ("toy/a", "toy/b") for s in seeds
+            for m, v in (("kd", 0.70), ("good", 0.72), ("bad", 0.68), ("no-kd", 0.60))]
+    rows += [result("mixed", "toy/a", s, 0.70 + 0.001 * s + w) for s, w in zip(seeds, wiggle)]
+    rows += [result("few", "toy/a", s, 0.75) for s in seeds[:3]]
+    rows += [result("teacher", "toy/a", s, 0.85) for s in seeds] + [result("teacher", "toy/b", s, 0.601) for s in seeds]
+    claims = [{"method": m, "over": "kd", "source": f"paper {m}"} for m in ("good", "bad", "mixed", "few", "ghost")]
+    page = render_markdown(board_of(tmp_path, rows), "mine", {**ROLES, "claims": claims})
+    part = page.split("Published claims")[1]
+    assert re.search(r"\| good > kd \[a\] +\| toy/a dev/accuracy +\| \+2\.00 +\| \[\+2\.00, \+2\.00\] +\| 5 +\| holds ", part)
+    assert re.search(r"\| bad > kd \[b\] +\| toy/a dev/accuracy +\| -2\.00 +\| \[-2\.00, -2\.00\] +\| 5 +\| reversed ", part)
+    assert re.search(r"\| mixed > kd \[c\] +\| toy/a dev/accuracy +\| \+0\.08 +\| \[.+\] +\| 5 +\| not shown \(CI includes 0\) ", part)
+    assert re.search(r"\| few > kd \[d\] +\| toy/a dev/accuracy +\| .+ +\| 3 +\| open \(3 of 4\+ seeds\) ", part)
+    assert re.search(r"\| good > kd \[a\] +\| toy/b dev/accuracy +\| \+2\.00 +\| .+ +\| 5 +\| not judged \(no headroom\) ", part)
+    assert re.search(r"\| ghost > kd \[e\] +\| +\| +\| +\| 0 +\| not run ", part)
+    assert "[c] paper mixed" in part
+    assert "Published claims" not in render_markdown(board_of(tmp_path / "none", rows), "mine", ROLES)
+
+
 def test_convergence_table_marks_students_still_climbing(tmp_path):
     """First-epoch score and last-epoch change from each cell's per-epoch history (means over seeds,
     x100), the selected epoch 1-based; +0.5 point or more is marked; the teacher row has no such line."""
@@ -307,7 +331,8 @@ def test_cells_whose_retrained_teacher_scored_differently_are_named(tmp_path):
 
 def test_cells_not_run_yet_are_priced_from_the_finished_ones(tmp_path, capsys):
     """Missing cells cost the median wall time of their method's finished cells on the same task,
-    else on any task; a method with no finished cell is counted as not priced."""
+    else on any task; a method with no finished cell is counted as not priced. The finished cells'
+    own cost is their wall times summed."""
     d = tmp_path / "r"
     rows = matrix({"kd": 0.6, "teacher": 0.8}, seeds=(0,)) + [result("kd", "toy/b", 0, 0.6, wall_s=3600.0)]
     for r in rows:
@@ -317,5 +342,6 @@ def test_cells_not_run_yet_are_priced_from_the_finished_ones(tmp_path, capsys):
     assert main(["leaderboard", str(d), "--out-dir", str(tmp_path / "out")]) == 0
     page = (tmp_path / "out" / "r.md").read_text()
     # kd toy/a: 2 x 10 s; kd toy/b: 2 x 3600 s; teacher toy/a: 2 x 10 s; teacher toy/b: 3 x 10 s (its other task)
+    assert "The finished cells took 1.0 core-hours (their wall times summed)." in page  # 10 + 3600 + 10 s
     assert ("the cells not run yet need about 2.0 core-hours (3 priced from their method's other tasks; "
             "6 not priced (no finished cell of their method)); machine types differ") in page

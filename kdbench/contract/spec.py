@@ -90,6 +90,8 @@ class Suite:
     budget: str = ""
     #: published numbers shown as reference rows: [{row, source, verified, values{"task metric": x}}]
     reference: list[dict[str, Any]] = field(default_factory=list)
+    #: published claims the page tests on paired seeds: [{method, over, source}] ("method beats over")
+    claims: list[dict[str, str]] = field(default_factory=list)
     teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
     student_defs: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -8,7 +8,8 @@ command line, a method-specific section (``[method.metadistil.loss]``) beats a g
 Suite file layout (see ``kdbench/configs/*.toml``)::
 
     [suite]            name, methods ("all" = every registered method), tasks, students, seeds,
-                       baselines, description, budget, reference (published numbers)
+                       baselines, description, budget, reference (published numbers),
+                       claims ([[suite.claims]] method, over, source: "method beats over", tested)
     [teachers.NAME]    kind = <model kind>, then that kind's Config fields
     [students.NAME]    teacher = NAME, kind = <student kind>, then that kind's Config fields
     [train]            TrainConfig fields for distillation cells
@@ -56,7 +57,8 @@ def train_for_task(cfg: TrainConfig, task_cls: Any, task_cfg: Any, where: str,
 
 
 SUITE_KEYS = {"name", "methods", "tasks", "students", "seeds", "baselines", "description",
-              "budget", "reference"}
+              "budget", "reference", "claims"}
+CLAIM_KEYS = ("method", "over", "source")
 TOP_KEYS = {"suite", "teachers", "students", "train", "teacher_train", "loss", "teacher_update",
             "task", "method"}
 
@@ -133,11 +135,32 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
         seeds=[int(x) for x in s.get("seeds", [0])],
         baselines=bool(s.get("baselines", True)), description=str(s.get("description", "")),
         budget=str(s.get("budget", "")), reference=list(s.get("reference", [])),
+        claims=_claims(s.get("claims", []), str(path), problems),
         teachers=dict(merged.get("teachers", {})), student_defs=dict(merged.get("students", {})),
     )
     if problems:
         raise ConfigError(problems)
     return suite
+
+
+def _claims(value: Any, where: str, problems: list[str]) -> list[dict[str, str]]:
+    """``[[suite.claims]]`` tables, each exactly ``method``, ``over`` and ``source`` (non-empty strings);
+    the method names are checked against the registry when the suite is planned."""
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        problems.append(f"{where} [suite] claims: expects [[suite.claims]] tables with keys "
+                        f"{', '.join(CLAIM_KEYS)}, got {value!r}")
+        return []
+    out = []
+    for i, claim in enumerate(value, 1):
+        bad = [k for k in claim if k not in CLAIM_KEYS]
+        empty = [k for k in CLAIM_KEYS if not isinstance(claim.get(k), str) or not claim[k].strip()]
+        problems += [f"{where} [[suite.claims]] #{i}: unknown key {k!r}; allowed: {', '.join(CLAIM_KEYS)}."
+                     f"{suggest(k, list(CLAIM_KEYS))}" for k in bad]
+        problems += [f"{where} [[suite.claims]] #{i}: {k} must be a non-empty string, got {claim.get(k)!r}"
+                     for k in empty]
+        if not bad and not empty:
+            out.append({k: claim[k] for k in CLAIM_KEYS})
+    return out
 
 
 def _str_list(value: Any, key: str, problems: list[str]) -> list[str]:

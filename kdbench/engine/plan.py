@@ -73,6 +73,9 @@ def expand(suite: Suite, host: Host, warnings: list[str] | None = None) -> list[
     tasks = {t: host.tasks.get(t) for t in suite.tasks
              if _known(host, "tasks", t, f"{suite.path} [suite] tasks", problems)}
     check_sections(suite, host, methods, list(tasks), problems, warnings if warnings is not None else [])
+    for i, claim in enumerate(suite.claims, 1):
+        for k in ("method", "over"):
+            _known(host, "methods", claim[k], f"{suite.path} [[suite.claims]] #{i} {k}", problems)
     if not suite.seeds:
         problems.append(f"{suite.path} [suite]: seeds is empty")
     if not suite.methods or not suite.tasks or not suite.students:
@@ -146,7 +149,7 @@ def _teacher_method(host: Host, problems: list[str]) -> Method | None:
 
 def plan_facts(suite: Suite, host: Host) -> dict[str, Any]:
     """What a leaderboard page needs from the suite and the plugins, for ``write_plan``: name, how
-    to rerun it, description, budget, reference rows, and the names of the methods holding the
+    to rerun it, description, budget, reference rows, published claims, and the names of the methods holding the
     roles the page acts on: ``baseline_method`` (role "reference": the paired tables compare every
     method to it) and ``no_kd_method`` (role "student-only": the student-without-KD row, listed last and
     used by the no-headroom check); "" when no registered method holds the role."""
@@ -155,6 +158,7 @@ def plan_facts(suite: Suite, host: Host) -> dict[str, Any]:
     reference, no_kd = host.role_method(ROLE_REFERENCE), host.role_method(ROLE_NO_KD)
     return {"name": suite.name, "suite_arg": suite.name if builtin else suite.path,
             "description": suite.description, "budget": suite.budget, "reference": suite.reference,
+            "claims": suite.claims,
             "baseline_method": reference.name if reference is not None else "",
             "no_kd_method": no_kd.name if no_kd is not None else ""}
 

@@ -31,6 +31,7 @@ TRIVIAL = "trivial baseline"
 BOOTSTRAP_SAMPLES = 10_000
 MIN_SEEDS_FOR_CI = 3  # a percentile bootstrap over fewer paired seeds is degenerate
 RANGE_SEEDS = 3  # up to here n^-n > 2.5 %: the percentile interval is [min, max] of the differences
+CLAIM_SEEDS = RANGE_SEEDS + 1  # fewest paired seeds on which a published claim is judged
 HIDDEN_SPLITS = ("heldout", "quiz")  # carved from train for selection / meta-learning, never reported
 TEACHER_OVER_TRIVIAL = 5.0  # x100 points: a teacher this close to the trivial predictor learnt nothing
 TEACHER_OVER_NO_KD = 1.0  # x100 points: a student alone this close to the teacher has nothing to learn
@@ -195,38 +196,78 @@ def method_table(board: pd.DataFrame, student: str, which: str, notes: list[str]
     return pd.DataFrame(rows).fillna("")
 
 
+def paired_diffs(sub: pd.DataFrame, method: str, base_method: str, task: str, key: str, which: str) -> np.ndarray:
+    """``method`` minus ``base_method`` on ``task``'s ``key``, x100, one entry per seed both have (``sub``:
+    one student's ok cells)."""
+    base = sub[(sub["method"] == base_method) & (sub["task"] == task)]
+    pairs = []
+    for _, r in sub[(sub["method"] == method) & (sub["task"] == task)].iterrows():
+        b = base[base["seed"] == r["seed"]]
+        if b.empty:
+            continue
+        v, bv = value(r["result"], which, key), value(b.iloc[0]["result"], which, key)
+        if v is not None and bv is not None:
+            pairs.append(v - bv)
+    return 100 * np.asarray(pairs, dtype=float)
+
+
+def _interval(d: np.ndarray) -> tuple[bool, float, float, str]:
+    """(enough seeds, low, high, the CI cell) of paired differences ``d``."""
+    if len(d) < MIN_SEEDS_FOR_CI:
+        return False, float("nan"), float("nan"), f"n={len(d)} < {MIN_SEEDS_FOR_CI}"
+    lo, hi = bootstrap_ci(d)
+    return True, lo, hi, f"[{lo:+.2f}, {hi:+.2f}]"
+
+
 def paired_table(board: pd.DataFrame, student: str, which: str, base_method: str,
                  flagged: Mapping[tuple[str, str], str] | None = None) -> pd.DataFrame:
     """Paired mean difference to ``base_method`` per (method, task), with bootstrap 95 % CI; no
     * mark on flagged (no-headroom) tasks."""
     sub = board[(board["student"] == student) & (board["status"] == "ok")]
-    base = sub[sub["method"] == base_method]
     rows: list[dict[str, Any]] = []
-    if base.empty:
+    if base_method not in set(sub["method"]):
         return pd.DataFrame(rows)
     for method in sorted(set(sub["method"]) - {base_method, TEACHER}):
         for task, key in primary_columns(sub):
-            if not key:
+            d = paired_diffs(sub, method, base_method, task, key, which) if key else np.zeros(0)
+            if not len(d):
                 continue
-            pairs = []
-            for _, r in sub[(sub["method"] == method) & (sub["task"] == task)].iterrows():
-                b = base[(base["task"] == task) & (base["seed"] == r["seed"])]
-                if b.empty:
-                    continue
-                v, bv = value(r["result"], which, key), value(b.iloc[0]["result"], which, key)
-                if v is not None and bv is not None:
-                    pairs.append(v - bv)
-            if not pairs:
-                continue
-            d = 100 * np.asarray(pairs)
-            enough = len(d) >= MIN_SEEDS_FOR_CI
-            lo, hi = bootstrap_ci(d) if enough else (float("nan"), float("nan"))
+            enough, lo, hi, ci = _interval(d)
             skip = (task, key) in (flagged or {})
             mark = " *" if enough and not skip and (lo > 0 or hi < 0) else ""
             rows.append({"Method": method, "Task": f"{task} {key}" + (f" {NO_HEADROOM}" if skip else ""),
-                         f"Δ vs {base_method}": f"{d.mean():+.2f}{mark}",
-                         "95 % CI": f"[{lo:+.2f}, {hi:+.2f}]" if enough else f"n={len(d)} < {MIN_SEEDS_FOR_CI}",
-                         "Seeds": len(d)})
+                         f"Δ vs {base_method}": f"{d.mean():+.2f}{mark}", "95 % CI": ci, "Seeds": len(d)})
+    return pd.DataFrame(rows)
+
+
+def claims_table(board: pd.DataFrame, student: str, which: str, claims: Sequence[Mapping[str, str]],
+                 flagged: Mapping[tuple[str, str], str] | None = None) -> pd.DataFrame:
+    """Each published claim "``method`` beats ``over``" per task, tested on paired seeds: it holds
+    when the bootstrap 95 % interval of ``method`` - ``over`` lies above 0, is reversed when it lies
+    below, and is not shown otherwise; with fewer than :data:`CLAIM_SEEDS` paired seeds (where the
+    interval is no more than the range of the differences) or on a no-headroom task it is not
+    judged. A claim with no paired cell yet gets one "not run" row."""
+    sub = board[(board["student"] == student) & (board["status"] == "ok")]
+    rows: list[dict[str, Any]] = []
+    for i, claim in enumerate(claims):
+        method, over = claim["method"], claim["over"]
+        name, found = f"{method} > {over} [{chr(97 + i)}]", False
+        for task, key in primary_columns(sub):
+            d = paired_diffs(sub, method, over, task, key, which) if key else np.zeros(0)
+            if not len(d):
+                continue
+            found = True
+            _, lo, hi, ci = _interval(d)
+            if (task, key) in (flagged or {}):
+                verdict = "not judged (no headroom)"
+            elif len(d) < CLAIM_SEEDS:
+                verdict = f"open ({len(d)} of {CLAIM_SEEDS}+ seeds)"
+            else:
+                verdict = "holds" if lo > 0 else "reversed" if hi < 0 else "not shown (CI includes 0)"
+            rows.append({"Claim": name, "Task": f"{task} {key}", "Δ": f"{d.mean():+.2f}",
+                         "95 % CI": ci, "Seeds": len(d), "Verdict": verdict})
+        if not found:
+            rows.append({"Claim": name, "Task": "", "Δ": "", "95 % CI": "", "Seeds": 0, "Verdict": "not run"})
     return pd.DataFrame(rows)
 
 

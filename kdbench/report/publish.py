@@ -26,12 +26,14 @@ from kdbench.contract.errors import ExitCode, KdbenchError
 from kdbench.contract.lazy import lazy_import
 from kdbench.report.leaderboard import (
     BOOTSTRAP_SAMPLES,
+    CLAIM_SEEDS,
     HIDDEN_SPLITS,
     MIN_SEEDS_FOR_CI,
     NO_HEADROOM,
     RANGE_SEEDS,
     STILL_CLIMBING,
     TRIVIAL,
+    claims_table,
     convergence_table,
     method_table,
     no_headroom,
@@ -88,7 +90,7 @@ def render_markdown(board: pd.DataFrame, suite: str, meta: Mapping[str, Any]) ->
         if which == "best_on_dev" and not heldout:  # selected on dev already: the headline is this table
             continue
         for student in sorted(s for s in board["student"].dropna().unique() if s):
-            lines += student_section(board, student, which, title, base, no_kd)
+            lines += student_section(board, student, which, title, base, no_kd, meta.get("claims") or ())
     if not all(k in meta for k in ROLE_FACTS):
         lines += ["Note: the plan file does not name the reference and no-KD methods (it is missing or predates "
                   "them), so this "
@@ -129,10 +131,10 @@ def hardware_line(board: pd.DataFrame) -> str:
 
 
 def student_section(board: pd.DataFrame, student: str, which: str, title: str, base: str,
-                    no_kd: str = "") -> list[str]:
+                    no_kd: str = "", claims: Sequence[Mapping[str, str]] = ()) -> list[str]:
     """One student's table for one epoch choice, its footnotes, and (headline only) the paired
     table to the reference method ``base`` (none when "") and the teacher-after table; ``no_kd``
-    is the no-KD method's name ("" when unknown)."""
+    is the no-KD method's name ("" when unknown); ``claims`` the suite's published claims."""
     sub = student_rows(board, student)
     cols = primary_columns(sub)
     flagged = no_headroom(sub, cols, no_kd)
@@ -157,6 +159,7 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
         lines += [f"{NO_HEADROOM} No headroom (see the best-epoch table): left out of Avg.", ""]
     if which == "best":
         lines += paired_section(board, student, which, base, flagged) if base else []
+        lines += claims_section(board, student, which, claims, flagged)
         after = teacher_after_table(board, student, cols, no_kd)
         if not after.empty:
             lines += ["Teacher after training, for methods whose rule changes the teacher (the live teacher's "
@@ -173,6 +176,19 @@ def student_section(board: pd.DataFrame, student: str, which: str, title: str, b
                       f"(↗: +{STILL_CLIMBING:g} or more, a student still improving when the budget ended):", "",
                       conv.to_markdown(index=False, disable_numparse=True), ""]
     return lines
+
+
+def claims_section(board: pd.DataFrame, student: str, which: str, claims: Sequence[Mapping[str, str]],
+                   flagged: Mapping[tuple[str, str], str]) -> list[str]:
+    """The suite's published claims tested on this student's paired seeds, with their sources."""
+    table = claims_table(board, student, which, claims, flagged)
+    if table.empty:
+        return []
+    return [f"Published claims (the suite's `claims`), tested on paired seeds (x100; bootstrap 95 % CI of "
+            f"method minus the method it is claimed to beat; judged from {CLAIM_SEEDS} paired seeds, where "
+            "the interval is more than the range of the differences):", "",
+            table.to_markdown(index=False, disable_numparse=True), "",
+            *[f"[{chr(97 + i)}] {c['source']}" for i, c in enumerate(claims)], ""]
 
 
 def retrained_lines(cells: Sequence[tuple[str, str, Any, float, float]]) -> list[str]:
@@ -248,13 +264,15 @@ def coverage_section(cov: Mapping[str, Any] | None, run: str, board: pd.DataFram
 
 
 def remaining_cost(missing: Mapping[tuple[str, str], Mapping[str, list[int]]], board: pd.DataFrame) -> str:
-    """The cells not run yet, priced at the median wall time of the finished cells of the same method
-    and task, else of the method on any task (one single-threaded job per core: wall time is core
-    time)."""
+    """What the finished cells cost (their wall times summed), and the cells not run yet, priced at the
+    median wall time of the finished cells of the same method and task, else of the method on any
+    task (one single-threaded job per core: wall time is core time)."""
     walls: dict[tuple[str, str], list[float]] = {}
+    spent = 0.0
     for _, r in board[board["status"] == "ok"].iterrows():
         w = r["result"].get("wall_s")
         if isinstance(w, (int, float)) and w > 0:
+            spent += w
             for key in ((str(r["method"]), str(r["task"])), (str(r["method"]), "")):
                 walls.setdefault(key, []).append(float(w))
     seconds, borrowed, unpriced = 0.0, 0, 0
@@ -268,7 +286,8 @@ def remaining_cost(missing: Mapping[tuple[str, str], Mapping[str, list[int]]], b
                 unpriced += len(seeds)
     notes = ([f"{borrowed} priced from their method's other tasks"] if borrowed else []) + (
         [f"{unpriced} not priced (no finished cell of their method)"] if unpriced else [])
-    return (f"At the median wall time of the finished cells of each method and task, the cells not run yet "
+    return (f"The finished cells took {spent / 3600:.1f} core-hours (their wall times summed). "
+            f"At the median wall time of the finished cells of each method and task, the cells not run yet "
             f"need about {seconds / 3600:.1f} core-hours" + (f" ({'; '.join(notes)})" if notes else "") +
             "; machine types differ (see the protocol line).")
 
@@ -303,7 +322,7 @@ def _meta(facts: Mapping[str, Any], source: str, run: str) -> dict[str, Any]:
 
     return {"source": source, "kdbench_version": __version__, "run_command": run,
             "description": facts.get("description", ""), "budget": facts.get("budget", ""),
-            "reference": facts.get("reference") or [],
+            "reference": facts.get("reference") or [], "claims": facts.get("claims") or [],
             **{k: str(facts[k] or "") for k in ROLE_FACTS if k in facts}}
 
 
