@@ -261,7 +261,8 @@ def test_paired_table_uses_the_plan_baseline_method_and_teacher_after(tmp_path):
 def test_published_claims_are_judged_on_paired_seeds(tmp_path):
     """A suite's claim "method beats over" holds when its paired 95 % interval lies above 0, is
     reversed below it and not shown across it; fewer than 4 paired seeds leave it open, a
-    no-headroom task unjudged, and a method with no cell gives one "not run" row."""
+    no-headroom task unjudged, and a method with no cell gives one "not run" row. A side whose last
+    epoch still added half a point is named."""
     seeds = (0, 1, 2, 3, 4)
     wiggle = (0.01, -0.01, 0.012, -0.008, 0.0)
     rows = [result(m, task, s, v + 0.001 * s) for task in ("toy/a", "toy/b") for s in seeds
@@ -269,11 +270,15 @@ def test_published_claims_are_judged_on_paired_seeds(tmp_path):
     rows += [result("mixed", "toy/a", s, 0.70 + 0.001 * s + w) for s, w in zip(seeds, wiggle)]
     rows += [result("few", "toy/a", s, 0.75) for s in seeds[:3]]
     rows += [result("teacher", "toy/a", s, 0.85) for s in seeds] + [result("teacher", "toy/b", s, 0.601) for s in seeds]
+    for r in rows:
+        if r["method"] in ("good", "bad") and r["task"] == "toy/a":  # good's last epoch adds a point, bad's 0.2
+            v = r["metrics"]["best"]["dev/accuracy"]
+            r["history"] = [{"dev/accuracy": v - (0.01 if r["method"] == "good" else 0.002)}, {"dev/accuracy": v}]
     claims = [{"method": m, "over": "kd", "source": f"paper {m}"} for m in ("good", "bad", "mixed", "few", "ghost")]
     page = render_markdown(board_of(tmp_path, rows), "mine", {**ROLES, "claims": claims})
     part = page.split("Published claims")[1]
-    assert re.search(r"\| good > kd \[a\] +\| toy/a dev/accuracy +\| \+2\.00 +\| \[\+2\.00, \+2\.00\] +\| 5 +\| holds ", part)
-    assert re.search(r"\| bad > kd \[b\] +\| toy/a dev/accuracy +\| -2\.00 +\| \[-2\.00, -2\.00\] +\| 5 +\| reversed ", part)
+    assert re.search(r"\| good > kd \[a\] +\| toy/a dev/accuracy +\| \+2\.00 +\| \[\+2\.00, \+2\.00\] +\| 5 +\| holds; good still climbing ↗ ", part)
+    assert re.search(r"\| bad > kd \[b\] +\| toy/a dev/accuracy +\| -2\.00 +\| \[-2\.00, -2\.00\] +\| 5 +\| reversed +\|", part)
     assert re.search(r"\| mixed > kd \[c\] +\| toy/a dev/accuracy +\| \+0\.08 +\| \[.+\] +\| 5 +\| not shown \(CI includes 0\) ", part)
     assert re.search(r"\| few > kd \[d\] +\| toy/a dev/accuracy +\| .+ +\| 3 +\| open \(3 of 4\+ seeds\) ", part)
     assert re.search(r"\| good > kd \[a\] +\| toy/b dev/accuracy +\| \+2\.00 +\| .+ +\| 5 +\| not judged \(no headroom\) ", part)

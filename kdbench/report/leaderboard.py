@@ -246,7 +246,9 @@ def claims_table(board: pd.DataFrame, student: str, which: str, claims: Sequence
     when the bootstrap 95 % interval of ``method`` - ``over`` lies above 0, is reversed when it lies
     below, and is not shown otherwise; with fewer than :data:`CLAIM_SEEDS` paired seeds (where the
     interval is no more than the range of the differences) or on a no-headroom task it is not
-    judged. A claim with no paired cell yet gets one "not run" row."""
+    judged. A verdict names a side whose last epoch still added :data:`STILL_CLIMBING` points or more
+    on average (its student was cut short by the budget). A claim with no paired cell yet gets one
+    "not run" row."""
     sub = board[(board["student"] == student) & (board["status"] == "ok")]
     rows: list[dict[str, Any]] = []
     for i, claim in enumerate(claims):
@@ -264,6 +266,9 @@ def claims_table(board: pd.DataFrame, student: str, which: str, claims: Sequence
                 verdict = f"open ({len(d)} of {CLAIM_SEEDS}+ seeds)"
             else:
                 verdict = "holds" if lo > 0 else "reversed" if hi < 0 else "not shown (CI includes 0)"
+            climbing = [m for m in (method, over)
+                        if (ch := last_epoch_changes(sub, m, task, key)[1]) and np.mean(ch) >= STILL_CLIMBING]
+            verdict += f"; {' and '.join(climbing)} still climbing ↗" if climbing else ""
             rows.append({"Claim": name, "Task": f"{task} {key}", "Δ": f"{d.mean():+.2f}",
                          "95 % CI": ci, "Seeds": len(d), "Verdict": verdict})
         if not found:
@@ -321,6 +326,16 @@ def teacher_after_table(board: pd.DataFrame, student: str, cols: Columns, no_kd:
     return pd.DataFrame(rows)
 
 
+def last_epoch_changes(ok: pd.DataFrame, method: str, task: str, key: str) -> tuple[list[Any], list[float]]:
+    """``method``'s result files on ``task`` with at least two epochs of history (``ok``: finished
+    cells), and how much their last epoch changed ``key`` (x100)."""
+    cells = [r for r in ok[(ok["method"] == method) & (ok["task"] == task)]["result"]
+             if len(r.get("history") or []) >= 2 and key]
+    return cells, [100 * (a - b) for r in cells
+                   if (a := _number(r["history"][-1].get(key))) is not None
+                   and (b := _number(r["history"][-2].get(key))) is not None]
+
+
 def convergence_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: str = "") -> pd.DataFrame:
     """Per method and column: epochs run, the mean (1-based) epoch the selection split chose, the
     column's metric after the first epoch and the last epoch's change of it (x100, means over seeds,
@@ -332,11 +347,7 @@ def convergence_table(board: pd.DataFrame, student: str, cols: Columns, no_kd: s
     rows: list[dict[str, Any]] = []
     for method in method_order(ok["method"].unique(), no_kd):
         for task, key in cols:
-            cells = [r for r in ok[(ok["method"] == method) & (ok["task"] == task)]["result"]
-                     if len(r.get("history") or []) >= 2 and key]
-            deltas = [100 * (a - b) for r in cells
-                      if (a := _number(r["history"][-1].get(key))) is not None
-                      and (b := _number(r["history"][-2].get(key))) is not None]
+            cells, deltas = last_epoch_changes(ok, method, task, key)
             if not deltas:
                 continue
             best = [int(r["protocol"]["best_epoch"]) + 1 for r in cells if "best_epoch" in (r.get("protocol") or {})]
