@@ -164,3 +164,23 @@ def test_real_glue_task_end_to_end_cli(tmp_path, shared_dir):
     kd = next(r for r in results if r["method"] == "kd")
     assert kd["data"]["rows"]["dev"] == 277 and kd["data"]["rows"]["train"] == 270  # 300 capped, 10 % quiz
     assert "glue/rte accuracy" in (tmp_path / "lb" / "tiny.md").read_text()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_said_before_training(tmp_path, capsys, monkeypatch, native):
+    import kdbench.engine.training as training
+
+    monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: native)
+    suite = tiny_suite(tmp_path / "tiny.toml", "kd", steps=2)
+    argv = ["run", "--suite", str(suite), "--workers", "1", "--results-dir", str(tmp_path / "res"),
+            "--cache-dir", str(tmp_path / "c"), "--no-leaderboard", "--device", "cpu",
+            "train.precision=bf16", "teacher_train.precision=fp32"]
+    assert main(argv) == ExitCode.OK
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "emulates it" in ln]
+    if native:
+        assert warned == []
+    else:  # the kd cell trains its student in bf16; the teacher cell trains in fp32
+        assert len(warned) == 1 and warned[0].startswith("kdbench: warning: 1 of the cells to run")
+        assert "train.precision=fp32 teacher_train.precision=fp32" in warned[0]
+    assert main([*argv[:-2], "train.precision=fp32"]) == ExitCode.OK  # fp32 cells (new run ids): no line
+    assert "emulates it" not in capsys.readouterr().err
