@@ -162,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     emulated = cells_emulating_bf16(todo, args.device)
     if emulated:
         print(f"kdbench: warning: {emulated} of the cells to run train with precision = \"bf16\" on a CPU "
-              f"without bf16 kernels ({cpu_description()}), which emulates it about 10x slower than fp32; "
+              f"without bf16 kernels ({cpu_description()}), which emulates it (measured 10x slower than fp32 "
+              "on an AVX2 AMD EPYC: README); "
               "to run natively here, pass train.precision=fp32 teacher_train.precision=fp32 (other run ids)",
               file=sys.stderr)
     view = RunView(suite.name, len(todo))

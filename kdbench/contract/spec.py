@@ -163,6 +163,9 @@ class RunContext:
     @property
     def device(self) -> torch.device:
         """The resolved torch device."""
-        if self.device_name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device_name)
+        return torch_device(self.device_name)
+
+
+def torch_device(name: str) -> torch.device:
+    """``name`` as a torch device; ``auto`` is CUDA when available, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)

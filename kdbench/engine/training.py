@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kdbench.contract.errors import ConfigError
 from kdbench.contract.rules import QuizStream
-from kdbench.contract.spec import CellSpec, TrainConfig
+from kdbench.contract.spec import CellSpec, TrainConfig, torch_device
 from kdbench.contract.tensors import TensorSplit
 from kdbench.contract.types import Batch, Task
 
@@ -119,8 +119,7 @@ def cells_emulating_bf16(cells: Sequence[CellSpec], device: str) -> int:
         return 0
     n = 0
     for c in cells:
-        name = c.train.device if c.train.device != "auto" else device
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        dev = torch_device(c.train.device if c.train.device != "auto" else device)  # as runner.resolve_device
         n += dev.type == "cpu" and "bf16" in {resolve_precision(dev, t.precision) for t in (c.train, c.teacher_train)}
     return n
 
