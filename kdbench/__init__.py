@@ -45,9 +45,11 @@ if TYPE_CHECKING:
         Executor,
         HostArgs,
         MatrixContext,
+        bf16_emulation_warning,
         check_rebuildable,
         execute_cell,
         rebuild_host,
+        this_cpu,
     )
     from kdbench.engine.manager import Host, env_flag
     from kdbench.report.results import new_result, provenance, result_path, write_result
@@ -76,10 +78,10 @@ _HOME = {
     "tensor_digest": "kdbench.engine.checkpoints",
     # hook authors (kdbench_configure, kdbench_run_cell, ...): the records the hooks receive
     **dict.fromkeys(("CellSpec", "RunContext", "Suite", "TrainConfig"), "kdbench.contract.spec"),
-    # executor authors: the base class, running one cell, rebuilding the Host in a worker, and the
-    # result files
-    **dict.fromkeys(("Executor", "HostArgs", "MatrixContext", "check_rebuildable", "execute_cell",
-                     "rebuild_host"), "kdbench.engine.executors"),
+    # executor authors: the base class, running one cell, rebuilding the Host in a worker, the
+    # bf16 check of the machines cells run on, and the result files
+    **dict.fromkeys(("Executor", "HostArgs", "MatrixContext", "bf16_emulation_warning", "check_rebuildable",
+                     "execute_cell", "rebuild_host", "this_cpu"), "kdbench.engine.executors"),
     **dict.fromkeys(("Host", "env_flag"), "kdbench.engine.manager"),
     **dict.fromkeys(("new_result", "provenance", "result_path", "write_result"), "kdbench.report.results"),
 }
@@ -123,6 +125,7 @@ __all__ = [
     "TextDataOptions",
     "TrainConfig",
     "__version__",
+    "bf16_emulation_warning",
     "check_rebuildable",
     "env_flag",
     "execute_cell",
@@ -137,6 +140,7 @@ __all__ = [
     "result_path",
     "suggest",
     "tensor_digest",
+    "this_cpu",
     "write_result",
 ]
 

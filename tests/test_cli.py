@@ -184,3 +184,27 @@ def test_bf16_on_a_cpu_that_emulates_it_is_said_before_training(tmp_path, capsys
         assert "train.precision=fp32 teacher_train.precision=fp32" in warned[0]
     assert main([*argv[:-2], "train.precision=fp32"]) == ExitCode.OK  # fp32 cells (new run ids): no line
     assert "emulates it" not in capsys.readouterr().err
+
+
+def test_bf16_warning_counts_the_nodes_without_bf16_kernels(tmp_path):
+    from kdbench import bf16_emulation_warning
+    from kdbench.engine.config import load_suite
+    from kdbench.engine.manager import Host
+    from kdbench.engine.plan import expand
+
+    host = Host.create()
+    cells = expand(load_suite(str(tiny_suite(tmp_path / "tiny.toml", "kd", steps=2)),
+                              ["train.precision=bf16", "teacher_train.precision=fp32"]), host)
+    amx, avx2 = (True, "Xeon (family 6 model 143), AVX512"), (False, "EPYC (family 25 model 1), AVX2")
+
+    def never() -> list[tuple[bool, str]]:
+        raise AssertionError("no cell trains in bf16 on a CPU: the machines are not probed")
+
+    assert bf16_emulation_warning(cells, "cpu", lambda: [amx, amx]) is None
+    assert bf16_emulation_warning(cells, "cuda", never) is None  # "auto" cells train on the GPU
+    fp32 = expand(load_suite(str(tiny_suite(tmp_path / "tiny.toml", "kd", steps=2)), []), host)
+    assert bf16_emulation_warning(fp32, "cpu", never) is None
+    one = bf16_emulation_warning(cells, "cpu", lambda: [avx2])
+    assert one is not None and "1 of the cells to run" in one and "(EPYC (family 25 model 1), AVX2)" in one
+    some = bf16_emulation_warning(cells, "cpu", lambda: [amx, avx2, avx2])
+    assert some is not None and "(2 of 3 nodes: EPYC (family 25 model 1), AVX2)" in some

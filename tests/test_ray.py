@@ -170,3 +170,31 @@ def test_in_process_plugins_are_refused(tmp_path: Path, make_host: Callable[...,
     with pytest.raises(ConfigError, match=r"test_ray\.InProcessOnly.*-p MODULE_OR_FILE"):
         list(RayExecutor(RayConfig()).map(cells, MatrixContext(tmp_path, tmp_path), host))
     assert not ray.is_initialized()  # refused before starting anything
+
+
+def test_the_bf16_check_probes_every_node(tmp_path: Path, make_host: Callable[..., Host],
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kdbench run`'s bf16 warning under Ray comes from the nodes (a probe task per node), not
+    from the driver's CPU; a second node without bf16 kernels is named with the count."""
+    import kdbench_builtins.executor_ray as executor_ray
+    from kdbench import this_cpu
+
+    probed: list[list[tuple[bool, str]]] = []
+    real_probe = executor_ray.node_cpus
+
+    def two_nodes(ray_module: Any) -> list[tuple[bool, str]]:
+        probed.append(real_probe(ray_module))  # the real probe: a task on each alive node
+        return [*probed[-1], (False, "Some CPU (family 1 model 1), AVX2")]
+
+    monkeypatch.setattr(executor_ray, "node_cpus", two_nodes)
+    host = make_host()
+    teacher = [c for c in _cells(tmp_path, host, "[0]", "teacher_train.precision=bf16") if c.is_teacher]
+    executor = RayExecutor(RayConfig(num_cpus=1, local_cpus=1, object_store_mb=100))
+    assert executor.bf16_warning(teacher, "auto") is None  # not the driver's CPU: map() probes the nodes
+    [result] = executor.map(teacher, MatrixContext(tmp_path / "res", tmp_path / "c"), host)
+    assert result["status"] == "ok", result["reason"]
+    assert probed == [[this_cpu()]]  # one alive node, which reports this machine's CPU
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "emulates it" in ln]
+    assert line.startswith("kdbench: warning: 1 of the cells to run train with precision = \"bf16\"")
+    assert f"{1 + (not this_cpu()[0])} of 2 nodes" in line and "Some CPU (family 1 model 1), AVX2" in line

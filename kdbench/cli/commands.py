@@ -128,9 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Plan, run pending cells, render the leaderboard page, print its headline tables."""
     from kdbench.engine.executors import HostArgs, MatrixContext, pending, set_aside_unreadable
     from kdbench.engine.plan import plan_facts
-    from kdbench.engine.training import cells_emulating_bf16
     from kdbench.report.publish import write_leaderboard
-    from kdbench.report.results import cpu_description, write_plan
+    from kdbench.report.results import write_plan
     from kdbench.report.runview import RunView, headline
 
     host, suite, cells = plan(args)
@@ -159,13 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"kdbench: suite {suite.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
           f"{len(todo)} to run -> {results_dir}" + (f" ({min(workers, len(todo))} workers)" if workers > 1 and todo else ""),
           file=sys.stderr)
-    emulated = cells_emulating_bf16(todo, args.device)
-    if emulated:
-        print(f"kdbench: warning: {emulated} of the cells to run train with precision = \"bf16\" on a CPU "
-              f"without bf16 kernels ({cpu_description()}), which emulates it (measured 10x slower than fp32 "
-              "on an AVX2 AMD EPYC: README); "
-              "to run natively here, pass train.precision=fp32 teacher_train.precision=fp32 (other run ids)",
-              file=sys.stderr)
+    warning = executor.bf16_warning(todo, args.device)  # a Ray executor checks its nodes in map()
+    if warning:
+        print(warning, file=sys.stderr)
     view = RunView(suite.name, len(todo))
     executor.on_progress = view.progress
     try:

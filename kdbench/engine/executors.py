@@ -206,3 +206,38 @@ class Executor:
             on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
         """Run every spec; yield each result dict."""
         raise NotImplementedError
+
+    def bf16_warning(self, specs: Sequence[CellSpec], device: str) -> str | None:
+        """The line to print before training when cells would train in bf16 on a CPU that emulates
+        it (:func:`bf16_emulation_warning`), for cells that run on this machine; an executor whose cells run
+        elsewhere returns None here and checks its machines itself before it submits a cell."""
+        return bf16_emulation_warning(specs, device, lambda: [this_cpu()])
+
+
+def this_cpu() -> tuple[bool, str]:
+    """Whether this machine's CPU runs bf16 natively, and the CPU (``provenance``'s description)."""
+    from kdbench.engine.training import cpu_runs_bf16_natively
+    from kdbench.report.results import cpu_description
+
+    return cpu_runs_bf16_natively(), cpu_description()
+
+
+def bf16_emulation_warning(specs: Sequence[CellSpec], device: str,
+                 machines: Callable[[], Sequence[tuple[bool, str]]]) -> str | None:
+    """One line when some of ``specs`` train in bf16 on a CPU and some machine they may run on has
+    no bf16 kernels, else None. ``device`` is the default of cells whose ``train.device`` is
+    ``auto`` where they run; ``machines()`` gives :func:`this_cpu` of each machine (called only
+    when some cell trains in bf16 on a CPU)."""
+    from kdbench.engine.training import cells_training_bf16_on_cpu
+
+    n = cells_training_bf16_on_cpu(specs, device)
+    found = machines() if n else ()
+    slow = sorted({cpu for native, cpu in found if not native})
+    if not slow:
+        return None
+    where = slow[0] if len(found) == 1 else \
+        f"{sum(not native for native, _ in found)} of {len(found)} nodes: {'; '.join(slow)}"
+    return (f'kdbench: warning: {n} of the cells to run train with precision = "bf16" on a CPU without '
+            f"bf16 kernels ({where}), which emulates it (measured 10x slower than fp32 on an AVX2 AMD "
+            "EPYC: README); to run natively there, pass train.precision=fp32 teacher_train.precision=fp32 "
+            "(other run ids)")

@@ -112,11 +112,9 @@ def cpu_runs_bf16_natively() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def cells_emulating_bf16(cells: Sequence[CellSpec], device: str) -> int:
-    """How many of ``cells`` train (or fine-tune their teacher) in bf16 on a CPU that emulates it;
-    ``device`` is the run's default for cells whose ``train.device`` is ``auto``."""
-    if cpu_runs_bf16_natively():
-        return 0
+def cells_training_bf16_on_cpu(cells: Sequence[CellSpec], device: str) -> int:
+    """How many of ``cells`` train (or fine-tune their teacher) in bf16 on a CPU; ``device`` is
+    the default for cells whose ``train.device`` is ``auto`` on the machine that runs them."""
     n = 0
     for c in cells:
         dev = torch_device(c.train.device if c.train.device != "auto" else device)  # as runner.resolve_device

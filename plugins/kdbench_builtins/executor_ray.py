@@ -52,6 +52,7 @@ from kdbench import (
     Executor,
     HostArgs,
     MatrixContext,
+    bf16_emulation_warning,
     check_rebuildable,
     env_flag,
     execute_cell,
@@ -60,6 +61,7 @@ from kdbench import (
     provenance,
     rebuild_host,
     result_path,
+    this_cpu,
     write_result,
 )
 
@@ -95,6 +97,17 @@ def _cell_remote(spec_pickle: bytes, mctx: MatrixContext, threads: int) -> dict[
     host = rebuild_host(mctx.host_args)
     spec = pickle.loads(spec_pickle)
     return execute_cell(spec, mctx, host)
+
+
+def node_cpus(ray: Any) -> list[tuple[bool, str]]:
+    """:func:`kdbench.this_cpu` of every alive node of the connected cluster, from one zero-CPU
+    task pinned to each (``NodeAffinitySchedulingStrategy``)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(this_cpu)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    pinned = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)) for n in nodes]
+    return list(ray.get([task.remote() for task in pinned]))
 
 
 def _package_dir(module: str) -> Path:
@@ -171,6 +184,10 @@ class RayExecutor(Executor):
             ray.init(**kwargs)
         return True
 
+    def bf16_warning(self, specs: Sequence[CellSpec], device: str) -> str | None:
+        """None: cells run on the cluster's nodes, which :meth:`map` probes once connected."""
+        return None
+
     # -- running -------------------------------------------------------------------------------
     def map(self, specs: Sequence[CellSpec], mctx: MatrixContext, host: Host,
             on_start: Callable[[CellSpec], None] | None = None) -> Iterator[dict[str, Any]]:
@@ -192,6 +209,11 @@ class RayExecutor(Executor):
             if gpus and not cfg.num_gpus:
                 print(f"kdbench: ray: the cluster has {gpus:g} GPU(s) but num_gpus=0, so cells run on "
                       "CPU; pass --executor-opt num_gpus=1 to give each cell a GPU", file=sys.stderr)
+            # the bf16 check of `kdbench run`, on the nodes: "auto" cells train where Ray puts them
+            device = mctx.device if mctx.device != "auto" else "cuda" if cfg.num_gpus else "cpu"
+            warning = bf16_emulation_warning(specs, device, lambda: node_cpus(ray))
+            if warning:
+                print(warning, file=sys.stderr)
             remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                 max_retries=cfg.max_retries, retry_exceptions=False)(_cell_remote)
             mref = ray.put(mctx)
