@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from kdbench.contract.tensors import TaskData, TensorSplit
     from kdbench.contract.types import Batch, KDModel, ModelKind, ModelOutput, NoConfig, StudentKind, Task
     from kdbench.engine.checkpoints import tensor_digest
+    from kdbench.engine.config import build_config
     from kdbench.engine.executors import (
         Executor,
         HostArgs,
@@ -69,8 +70,10 @@ _HOME = {
                     "kdbench.contract.types"),
     **dict.fromkeys(("Artifacts", "DistillLoss", "Method", "QuizStream", "StepContext", "StepCost",
                      "TeacherUpdate"), "kdbench.contract.rules"),
-    # any plugin: "did you mean" hints for bad option values (``suggest(name, choices)``)
+    # any plugin: "did you mean" hints for bad option values (``suggest(name, choices)``), and a
+    # nested Config (a dict of options inside a section) built with a section's checks
     "suggest": "kdbench.contract.registry",
+    "build_config": "kdbench.engine.config",
     # task authors: the metric modules (``metrics.score(names, preds, labels)``)
     "metrics": "kdbench.contract.metrics",
     # rule and loss authors: the prepared tensors (``StepContext.data``) and a content key of tensors
@@ -126,6 +129,7 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "bf16_emulation_warning",
+    "build_config",
     "check_rebuildable",
     "env_flag",
     "execute_cell",

@@ -140,7 +140,7 @@ def test_pick_layers_mean_pooling_reads_masked_mean(six_layer: Path) -> None:
 def test_pooling_errors() -> None:
     from kdbench_builtins.models_text import HFTextModel
 
-    with pytest.raises(ConfigError, match="pooling = 'max'; use one of 'auto', 'cls', 'mean'"):
+    with pytest.raises(ConfigError, match="pooling = 'max' is not allowed; use one of 'auto', 'cls', 'mean'"):
         PickLayers(PickLayersConfig(pooling="max")).modality(TinyBert(TinyBertConfig()))  # plan time
     with pytest.raises(ConfigError, match="needs a BERT-style head"):
         HFTextModel(torch.nn.Linear(2, 2), pooling="mean")

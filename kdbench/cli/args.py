@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, metavar="N",
                            help="local executor: cells run in N single-threaded worker processes (default: one "
                                 "per CPU core on CPU, 1 on a GPU); 1 = one after another in this process")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", type=device_name,
+                       help="default of cells whose train.device is auto: auto, cpu, cuda, cuda:N or mps")
         p.add_argument("--executor", default="local", help="local (default) or ray")
         p.add_argument("--executor-opt", action="append", default=[], metavar="key=value",
                        help="executor option, e.g. address=auto, num_gpus=1")
@@ -97,22 +98,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def at_least(low: int) -> Any:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    """argparse type: a device name ``train.device`` accepts."""
+    from kdbench.contract.options import device_problem
+
+    problem = device_problem("--device", text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem.removeprefix("--device = "))
+    return text
+
+
 def add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """The ``kdbench bench`` subcommand's arguments."""
     p = sub.add_parser("bench", parents=parents, help="per-step cost of every method; runner overhead")
     p.add_argument("--shape", "--teacher", dest="shape", default="minilm", choices=["minilm", "tiny", "bert-base"],
                    help="minilm: ../shared/hf MiniLM-L6 + 2-layer student (falls back to tiny); bert-base: "
                         "12L-768 from a BertConfig + 6 layers, SDPA, T=128; tiny: the same at 4L-64 + 2")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the shape's, 64 or 128)")
+    p.add_argument("--seq-len", type=at_least(0), default=0,
+                   help="tokens per sequence (default: the shape's, 64 or 128)")
     p.add_argument("--attn", default="", choices=["", "eager", "sdpa"], help="attention (default: the shape's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="train.precision of every step: auto = bf16 autocast on CUDA, fp32 on CPU (the CPU suites "
                    "set bf16)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed steps per method (default: 1 CPU, 3 CUDA)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--warmup", type=at_least(0), default=0,
+                   help="untimed steps per method (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--batch", type=at_least(1), default=32)
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed steps per method (median reported)")
+    p.add_argument("--device", default="cpu", type=device_name)
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: all cores)")
     p.add_argument("--methods", help="comma-separated subset (method names or row labels)")
     p.add_argument("--overhead", action="store_true", help="benchmark runner overhead instead")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the rows as JSON")

@@ -33,6 +33,7 @@ left out of the id while it equals ``value``, so those results keep their ids).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -61,6 +62,13 @@ def option(default: Any, *, ge: float | None = None, gt: float | None = None, le
     if help:
         meta["help"] = help
     return dataclasses.field(default=default, metadata=meta)
+
+
+def device_problem(key: str, name: str) -> str | None:
+    """Why ``name`` is not a device kdbench accepts (``train.device``, ``--device``), or None."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        return None
+    return f"{key} = {name!r} is not allowed; use auto, cpu, cuda, cuda:N or mps"
 
 
 def type_name(tp: Any) -> str:

@@ -7,14 +7,13 @@ and plugins can name them without importing the engine that builds them
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from kdbench.contract.options import as_dict, option
+from kdbench.contract.options import as_dict, device_problem, option
 
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["linear", "constant", "multistep"]
@@ -64,9 +63,7 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         """Device names and the milestone order."""
-        problems = []
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            problems.append(f"device = {self.device!r} is not allowed; use auto, cpu, cuda, cuda:N or mps")
+        problems = [p for p in [device_problem("device", self.device)] if p]
         if list(self.milestones) != sorted(set(self.milestones)):
             problems.append(f"milestones = {list(self.milestones)} must be increasing epochs")
         return problems

@@ -27,9 +27,10 @@ from kdbench.contract.options import option
 class DataOptions:
     """Options of the shared data pipeline that apply to every task."""
 
-    max_train_examples: int = 0  # 0 = all; else a seeded, stratified cap on train
-    quiz_fraction: float = 0.1  # stratified share of train held out as the "quiz" split (0 = none)
-    data_seed: int = 42  # seed of the cap and the quiz split
+    max_train_examples: int = option(0, ge=0)  # 0 = all; else a seeded, stratified cap on train
+    #: stratified share of train held out as the "quiz" split (0 = none)
+    quiz_fraction: float = option(0.1, ge=0, lt=0.5)
+    data_seed: int = option(42, ge=0)  # seed of the cap and the quiz split
     #: stratified share of train held out as the "heldout" split that selects the best epoch
     #: (0 = none; seeded by the cell seed; added after v1 results)
     heldout_fraction: float = option(0.0, ge=0, lt=0.5, id_default=0.0)
@@ -39,7 +40,8 @@ class DataOptions:
 class TextDataOptions(DataOptions):
     """:class:`DataOptions` plus the tokenisation length of text tasks."""
 
-    max_seq_length: int = 128  # tokens per example (pairs truncated longest-first)
+    #: tokens per example (pairs truncated longest-first; 3 are special)
+    max_seq_length: int = option(128, ge=4)
 
 
 @dataclass(frozen=True)

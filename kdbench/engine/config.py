@@ -49,8 +49,8 @@ def train_for_task(cfg: TrainConfig, task_cls: Any, task_cfg: Any, where: str,
     allowed = [*task_cls.eval_splits, *(["quiz"] if quiz else []), *(["heldout"] if heldout else [])]
     if cfg.select and cfg.select not in allowed:
         problems.append(f"[{where}] select = {cfg.select!r}: task {task_cls.name!r} has no such split; use "
-                        f"one of {', '.join(allowed)}{suggest(cfg.select, allowed)} (\"heldout\" needs "
-                        "the task option heldout_fraction > 0, \"quiz\" quiz_fraction > 0)")
+                        f"one of {', '.join(allowed)} (\"heldout\" needs the task option "
+                        f"heldout_fraction > 0, \"quiz\" quiz_fraction > 0).{suggest(cfg.select, allowed)}")
     select = cfg.select or ("heldout" if heldout else "")  # "" stays "" (the first eval split): same ids
     return dataclasses.replace(cfg, select=select,
                                label_mean_bias=cfg.label_mean_bias and task_cls.num_labels == 1)
@@ -132,8 +132,9 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
         methods=_str_list(s.get("methods", []), "suite.methods", problems),
         tasks=_str_list(s.get("tasks", []), "suite.tasks", problems),
         students=_str_list(s.get("students", list(merged.get("students", {}))), "suite.students", problems),
-        seeds=[int(x) for x in s.get("seeds", [0])],
-        baselines=bool(s.get("baselines", True)), description=str(s.get("description", "")),
+        seeds=_seed_list(s.get("seeds", [0]), problems),
+        baselines=_flag(s.get("baselines", True), "suite.baselines", problems),
+        description=str(s.get("description", "")),
         budget=str(s.get("budget", "")), reference=list(s.get("reference", [])),
         claims=_claims(s.get("claims", []), str(path), problems),
         teachers=dict(merged.get("teachers", {})), student_defs=dict(merged.get("students", {})),
@@ -170,6 +171,23 @@ def _str_list(value: Any, key: str, problems: list[str]) -> list[str]:
         problems.append(f"{key} expects a list of names, got {value!r}")
         return []
     return list(value)
+
+
+def _seed_list(value: Any, problems: list[str]) -> list[int]:
+    """``suite.seeds`` (``--seeds``): distinct non-negative integers."""
+    ok = isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value)
+    if not ok or len(set(value)) != len(value):
+        problems.append("suite.seeds (--seeds) expects distinct non-negative integers, e.g. "
+                        f"seeds = [0, 1, 2] or --seeds 0,1,2; got {value!r}")
+        return []
+    return list(value)
+
+
+def _flag(value: Any, key: str, problems: list[str]) -> bool:
+    """A TOML boolean (a quoted "false" would otherwise count as true)."""
+    if not isinstance(value, bool):
+        problems.append(f"{key} expects true or false (TOML booleans, unquoted), got {value!r}")
+    return bool(value)
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

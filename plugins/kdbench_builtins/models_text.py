@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import kdbench
-from kdbench import ConfigError, KDModel, ModelKind, ModelOutput, suggest
+from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
 
 #: how the classification head reads a sequence: "cls" = the model's own head (BERT: the [CLS]
 #: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear,
@@ -27,11 +27,23 @@ from kdbench import ConfigError, KDModel, ModelKind, ModelOutput, suggest
 POOLINGS = ("auto", "cls", "mean")
 
 
+#: attention implementations an "hf" model may ask transformers for
+HF_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def one_of(key: str, value: str, allowed: tuple[str, ...]) -> str | None:
+    """Why ``key = value`` is not one of ``allowed`` (with a did-you-mean), or None."""
+    if value in allowed:
+        return None
+    choices = ", ".join(map(repr, allowed))
+    return f"{key} = {value!r} is not allowed; use one of {choices}.{kdbench.suggest(value, list(allowed))}"
+
+
 def check_pooling(pooling: str) -> None:
     """Raise a ConfigError for a ``pooling`` outside :data:`POOLINGS`."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"pooling = {pooling!r}; use one of {', '.join(map(repr, POOLINGS))}"
-                          f"{suggest(pooling, list(POOLINGS))}")
+    problem = one_of("pooling", pooling, POOLINGS)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _cached_json(checkpoint: str, filename: str, kw: Mapping[str, Any]) -> Any:
@@ -152,6 +164,10 @@ _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4; [PAD] = 0
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
 
+#: the character tokenizer's vocabulary size (:func:`char_tokenizer`)
+CHAR_VOCAB = len(_SPECIAL) + 2 * len(_CHARS)
+
+
 def char_tokenizer(max_length: int = 128) -> Any:
     """A deterministic BERT-style fast tokenizer over single characters (141 tokens).
 
@@ -196,13 +212,24 @@ def seeded(generator: torch.Generator) -> Iterator[None]:
 class TinyBertConfig:
     """A BERT built from a config (random weights): for tests and the offline quickstart."""
 
-    layers: int = 2  # transformer layers
-    hidden: int = 32  # hidden width
-    heads: int = 2  # attention heads
-    intermediate: int = 64  # FFN width
+    layers: int = kdbench.option(2, ge=1)  # transformer layers
+    hidden: int = kdbench.option(32, ge=1)  # hidden width
+    heads: int = kdbench.option(2, ge=1)  # attention heads
+    intermediate: int = kdbench.option(64, ge=1)  # FFN width
     vocab_size: int = 1000  # embedding rows; must cover the 141-token character tokenizer
-    max_position: int = 128  # position embeddings (= tokenizer model_max_length)
+    max_position: int = kdbench.option(128, ge=1)  # position embeddings (= tokenizer model_max_length)
     attn_implementation: str = "eager"  # "eager" | "sdpa"
+
+    def validate(self) -> list[str]:
+        """What BertConfig and the character tokenizer need, checked at plan time."""
+        attention = one_of("attn_implementation", self.attn_implementation, ("eager", "sdpa"))
+        problems = [attention] if attention else []
+        if self.hidden % self.heads:
+            problems.append(f"hidden = {self.hidden} must be a multiple of heads = {self.heads}")
+        if self.vocab_size < CHAR_VOCAB:
+            problems.append(f"vocab_size = {self.vocab_size} is smaller than the character tokenizer "
+                            f"({CHAR_VOCAB} tokens); set vocab_size >= {CHAR_VOCAB}")
+        return problems
 
 
 class TinyBert(ModelKind):
@@ -217,10 +244,9 @@ class TinyBert(ModelKind):
         from transformers import BertConfig, BertForSequenceClassification
 
         c: TinyBertConfig = self.cfg
+        if c.validate():  # checked at plan time; this is for configs built in code
+            raise ConfigError(f"tiny-bert: {'; '.join(c.validate())}")
         tokenizer = char_tokenizer(c.max_position)
-        if c.vocab_size < len(tokenizer):
-            raise ConfigError(f"tiny-bert vocab_size = {c.vocab_size} is smaller than its "
-                              f"tokenizer ({len(tokenizer)} tokens); set vocab_size >= {len(tokenizer)}")
         config = BertConfig(  # type: ignore[call-arg]  # HF config kwargs are untyped
             vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
             num_attention_heads=c.heads, intermediate_size=c.intermediate,
@@ -247,6 +273,13 @@ class HFConfig:
     cache_dir: str = ""  # HF cache directory; "" = $HF_HOME / the HF default
     local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
     pooling: str = "auto"  # "auto": the checkpoint's own (mean for sentence encoders) | "cls" | "mean"
+
+    def validate(self) -> list[str]:
+        """A checkpoint is named; attention and pooling are ones kdbench knows (plan time)."""
+        problems = [] if self.checkpoint else ['needs checkpoint = "<hub name or local path>"']
+        problems += [p for p in (one_of("attn_implementation", self.attn_implementation, HF_ATTENTION),
+                                 one_of("pooling", self.pooling, POOLINGS)) if p]
+        return problems
 
 
 class HFModel(ModelKind):
@@ -298,12 +331,8 @@ class HFModel(ModelKind):
         from transformers import AutoModelForSequenceClassification
 
         c: HFConfig = self.cfg
-        if not c.checkpoint:
-            raise ConfigError('model kind "hf" needs checkpoint = "<hub name or local path>"')
-        check_pooling(c.pooling)
-        if c.attn_implementation not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
-            raise ConfigError(f"hf attn_implementation = {c.attn_implementation!r}; "
-                              'use "sdpa" (default) or "eager"')
+        if c.validate():  # checked at plan time; this is for configs built in code
+            raise ConfigError(f"hf: {'; '.join(c.validate())}")
         tokenizer = self.load_tokenizer()
         problem = "regression" if num_labels == 1 else "single_label_classification"
         try:

@@ -42,7 +42,6 @@ layer map pairs them).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +51,14 @@ from torch import nn
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, StudentKind
 from kdbench_builtins.models_text import (
+    HF_ATTENTION,
+    POOLINGS,
     HFConfig,
     HFModel,
     HFTextModel,
     TinyBert,
     check_pooling,
+    one_of,
     resolve_pooling,
     seeded,
 )
@@ -69,13 +71,13 @@ def builtin_model_kinds() -> dict[str, type[ModelKind]]:
 
 
 def make_config(cls: type[ModelKind], options: dict[str, Any], where: str) -> Any:
-    """``cls.Config(**options)``, with unknown keys reported as a one-line ConfigError."""
-    fields = {f.name for f in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(cls.Config) else set()
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(repr, unknown))} for model "
-                          f"kind {cls.name!r}; valid: {', '.join(sorted(fields)) or '(none)'}")
-    return cls.Config(**options)
+    """``cls.Config`` from ``options`` with the checks of a suite section (unknown keys, types,
+    bounds, ``validate()``); every problem in one ConfigError."""
+    problems: list[str] = []
+    cfg = kdbench.build_config(cls.Config, [options], f"{where} (model kind {cls.name!r})", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +123,27 @@ class ModelStudent(StudentKind):
 class PickLayersConfig:
     """Options of the ``pick-layers`` student."""
 
-    layers: int = 6  # student depth k
-    pick: str | tuple[int, ...] = "first"  # "first" | "skip" | "last" | explicit 0-based layer list
+    layers: int = kdbench.option(6, ge=1)  # student depth k
+    #: "first" | "skip" | "last" | 0-based layer list
+    pick: str | tuple[int, ...] = kdbench.option("first", ge=0)
     checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
     attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
     pooling: str = "auto"  # "auto": as the source checkpoint | "cls": BERT's [CLS] pooler | "mean": masked mean
+
+    def validate(self) -> list[str]:
+        """What is known before the source checkpoint is read (its depth is checked when it is)."""
+        problems = [p for p in (one_of("attn_implementation", self.attn_implementation, ("", *HF_ATTENTION)),
+                                one_of("pooling", self.pooling, POOLINGS)) if p]
+        if isinstance(self.pick, str):
+            problems += [p for p in [one_of("pick", self.pick, PICKS)] if p]
+        elif len(self.pick) != self.layers:
+            problems.append(f"pick = {list(self.pick)} names {len(self.pick)} layers but "
+                            f"layers = {self.layers}; set layers = len(pick)")
+        return problems
+
+
+#: the named ways to pick a student's layers (:func:`pick_indices`)
+PICKS = ("first", "skip", "last")
 
 
 def pick_indices(pick: str | list[int] | tuple[int, ...], layers: int, total: int) -> list[int]:

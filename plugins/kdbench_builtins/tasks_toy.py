@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import kdbench
 from kdbench import DataError, DataOptions, Task, TextDataOptions, hookimpl, lazy_import
 from kdbench import metrics as km
 
@@ -37,9 +38,12 @@ else:
 class DigitsConfig(DataOptions):
     """Options of toy/digits: the shared data options, plus"""
 
-    shift: int = 2  # the digit is moved by up to this many pixels in each direction (seeded)
-    noise: float = 0.15  # std of the pixel noise, as a fraction of the full 0..255 range
-    label_noise: float = 0.1  # fraction of train labels replaced by another class (dev stays clean)
+    #: the digit is moved by up to this many pixels in each direction (seeded)
+    shift: int = kdbench.option(2, ge=0)
+    #: std of the pixel noise, as a fraction of the full 0..255 range
+    noise: float = kdbench.option(0.15, ge=0)
+    #: fraction of train labels replaced by another class (dev stays clean)
+    label_noise: float = kdbench.option(0.1, ge=0, lt=1)
 
 
 def flip_labels(labels: np.ndarray, fraction: float, num_labels: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,10 +134,19 @@ _FILLER = ["really", "quite", "very", "overall", "honestly", "i think"]
 class ReviewsConfig(TextDataOptions):
     """Options of toy/reviews: the shared data options, plus"""
 
-    max_seq_length: int = 80  # character tokens: the longest generated sentence (67) fits
+    #: character tokens: the longest generated sentence (67) fits
+    max_seq_length: int = kdbench.option(80, ge=4)
     domain: str = "books"  # target domain: one of REVIEW_DOMAINS
-    per_domain: int = 600  # generated sentences per domain (split 70/10/20)
-    label_noise: float = 0.05 # fraction of train labels flipped (dev and test stay clean)
+    per_domain: int = kdbench.option(600, ge=10)  # generated sentences per domain (split 70/10/20)
+    #: fraction of train labels flipped (dev and test stay clean)
+    label_noise: float = kdbench.option(0.05, ge=0, lt=1)
+
+    def validate(self) -> list[str]:
+        """The domain is one of the generated ones."""
+        if self.domain in REVIEW_DOMAINS:
+            return []
+        return [f"domain = {self.domain!r} is not allowed; use one of {', '.join(map(repr, REVIEW_DOMAINS))}."
+                f"{kdbench.suggest(self.domain, list(REVIEW_DOMAINS))}"]
 
 
 def _clause(rng: np.random.Generator, d: int, y: int) -> str:
