@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from kdbench import Batch, ConfigError, ModelOutput, NotApplicable, StepContext, Task
+import kdbench
+from kdbench import Batch, ModelOutput, NotApplicable, StepContext, Task
 from kdbench.contract.spec import TrainConfig
 from kdbench.contract.tensors import TensorSplit
 from kdbench_builtins import metakd
@@ -333,5 +334,7 @@ def test_meta_kd_stage2_is_a_fresh_run(schedule: str, want: tuple[int, ...]) -> 
     assert loss(stage1_epochs=2, stage_schedule=schedule).stages(4) == want
     assert loss(stage1_epochs=4).stages(4) == ()  # no stage 2: nothing to restart
     assert loss().stages(3) == (1,)  # default: half the epochs (rounded down) in stage 1
-    with pytest.raises(ConfigError, match="stage_schedule"):
-        loss(stage_schedule="cosine")
+    problems: list[str] = []  # a typo is a plan-time error (kdbench run never builds the loss)
+    kdbench.build_config(metakd.MetaKDLossConfig, [{"stage_schedule": "cosine"}], "[loss.meta-kd]", problems)
+    assert problems == ["[loss.meta-kd]: stage_schedule = 'cosine' is not allowed; use one of 'restart', "
+                        "'continuous'."]

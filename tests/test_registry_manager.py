@@ -151,3 +151,11 @@ def test_host_does_not_import_builtins():
     for path in Path(kdbench.__file__).parent.rglob("*.py"):
         src = path.read_text()
         assert "import kdbench_builtins" not in src and "from kdbench_builtins" not in src, path
+
+
+def test_a_bad_plugin_named_by_the_environment_is_named_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBENCH_PLUGINS", "no_such_plugin_xyz")
+    with pytest.raises(PluginError, match="remove no_such_plugin_xyz from KDBENCH_PLUGINS"):
+        make_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match="drop -p no_such_plugin_xyz"):  # -p wins when both name it
+        make_plugin_manager(autoload=False, extra=["no_such_plugin_xyz"])

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.cli.args import default_cache_dir, make_host, print_json
-from kdbench.contract.errors import ConfigError, ExitCode
+from kdbench.contract.errors import ConfigError, ExitCode, KdbenchError
+from kdbench.contract.registry import suggest
 from kdbench.contract.spec import Suite
 from kdbench.engine.config import as_dict, build_config, load_suite, parse_value
 from kdbench.engine.manager import Host
@@ -112,6 +113,20 @@ def default_workers(device: str, cells: list[Any]) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_writable(folder: Path, role: str) -> None:
+    """Create ``folder`` and write a probe file in it, or raise a one-line ConfigError (before any
+    cell runs, so no cell fails on it)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{role} {folder}: cannot write there ({exc.strerror or exc}); "
+                          "give a folder you can create and write to") from exc
+
+
 def run_paths(args: argparse.Namespace, suite: str) -> tuple[Path, Path]:
     """(results directory, leaderboard page): runs/<suite>/ and runs/<suite>.md by default (git
     ignored); the published leaderboards/ only with --publish, or under --out-dir; beside an
@@ -141,9 +156,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_plan(cells)
         return int(ExitCode.OK)
     results_dir, page = run_paths(args, suite.name)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    for role, folder in (("cache folder (--cache-dir, $KDBENCH_CACHE)", cache_dir),
+                         ("results folder (--results-dir, --out-dir)", results_dir),
+                         ("page folder (--out-dir)", page.parent)):
+        check_writable(folder, role)
     # the files of the cells about to run, before any model loads or anything is written
     check_data(host, pending(cells, results_dir, args.retry_failed))
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     extra = tuple(p for p in args.plugins if not p.startswith("no:"))
     blocked = tuple(p[3:] for p in args.plugins if p.startswith("no:"))
     mctx = MatrixContext(results_dir, cache_dir, HostArgs(extra, blocked), args.device,
@@ -256,6 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     """JSON description of the loaded plugins."""
     host = make_host(args)
+    known = [n for n in dir(host.pm.hook) if n.startswith("kdbench_")]
+    if args.hook and args.hook not in known:
+        raise KdbenchError(f"--hook {args.hook!r} is not a kdbench hook.{suggest(args.hook, known)} "
+                         f"Known: {', '.join(sorted(known))}")
     out = []
     versions = host.plugin_versions()
     for name, plugin in host.pm.list_name_plugin():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from kdbench.contract.types import (
     StudentKind,
     Task,
 )
+
+if TYPE_CHECKING:
+    from kdbench.contract.spec import TrainConfig
 
 
 class Artifacts(Protocol):
@@ -153,8 +156,11 @@ class TeacherUpdate:
       ``validate(self) -> list[str]`` method: the host checks all of it at plan time, before
       anything trains, and reports every problem at once (:mod:`kdbench.contract.options`).
 
-    ``cost_model`` declares the rule's FLOPs per step for ``kdbench bench`` (None: unknown). The
-    frozen rule is this base class plus its cost model.
+    ``check`` (the task), ``check_train`` (the student's training configuration) and
+    ``check_student`` run at plan time: a task the rule cannot handle makes the cell n-a, options
+    that cannot work with the others are config errors. ``cost_model`` declares the rule's FLOPs
+    per step for ``kdbench bench`` (None: unknown). The frozen rule is this base class plus its
+    cost model.
     """
 
     name: ClassVar[str] = "none"  # the base rule: the teacher never changes
@@ -170,6 +176,18 @@ class TeacherUpdate:
     @classmethod
     def check(cls, task: Task) -> str | None:
         """Return a reason when the rule cannot apply to ``task`` (the cell becomes n-a)."""
+        return None
+
+    @classmethod
+    def check_student(cls, cfg: Any, kind: str, student_cfg: Any) -> str | None:
+        """Plan time: why the rule's options ``cfg`` cannot work with a student of ``kind`` built
+        from ``student_cfg`` (a config error naming both), or None."""
+        return None
+
+    @classmethod
+    def check_train(cls, cfg: Any, train: TrainConfig) -> str | None:
+        """Plan time: why the rule's options ``cfg`` cannot work with the student's training
+        configuration ``train`` (a config error), or None."""
         return None
 
     def prepare(self, ctx: StepContext) -> dict[str, float]:

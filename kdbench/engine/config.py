@@ -61,6 +61,8 @@ SUITE_KEYS = {"name", "methods", "tasks", "students", "seeds", "baselines", "des
 CLAIM_KEYS = ("method", "over", "source")
 TOP_KEYS = {"suite", "teachers", "students", "train", "teacher_train", "loss", "teacher_update",
             "task", "method"}
+#: top-level sections whose entries are themselves named tables (``[teachers.NAME]``, ...)
+NAMED_TABLES = ("teachers", "students", "loss", "teacher_update", "task", "method")
 
 
 def builtin_suites() -> dict[str, Path]:
@@ -119,12 +121,21 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
     cli_raw = parse_overrides(overrides or [])
     problems: list[str] = []
     for where, raw in ((str(path), file_raw), ("command line", cli_raw)):
-        for key in raw:
+        for key, value in raw.items():
             if key not in TOP_KEYS:
                 problems.append(f"{where}: unknown section {key!r}.{suggest(key, sorted(TOP_KEYS))}")
-        for key in raw.get("suite", {}):
+            elif not isinstance(value, dict):
+                problems.append(f"{where}: [{key}] must be a table, got {value!r}. "
+                                f"Hint: write {key}.<key>=<value>")
+            elif key in NAMED_TABLES:
+                problems += [f"{where} [{key}]: {name!r} must be a table of options, got {opts!r}. "
+                             f"Hint: write {key}.{name}.<option>=<value>"
+                             for name, opts in value.items() if not isinstance(opts, dict)]
+        for key in raw.get("suite", {}) if isinstance(raw.get("suite"), dict) else ():
             if key not in SUITE_KEYS:
                 problems.append(f"{where} [suite]: unknown key {key!r}.{suggest(key, sorted(SUITE_KEYS))}")
+    if problems:  # the rest reads these tables
+        raise ConfigError(problems)
     merged = deep_merge(file_raw, cli_raw)
     s = merged.get("suite", {})
     suite = Suite(

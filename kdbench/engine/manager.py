@@ -47,13 +47,15 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _import_plugin(spec: str) -> ModuleType:
-    """Import ``-p`` argument: a module name or a path to a .py file."""
+def _import_plugin(spec: str, given: str = "-p") -> ModuleType:
+    """Import ``-p`` argument: a module name or a path to a .py file; ``given`` names where it
+    came from for the hints (``-p`` or ``KDBENCH_PLUGINS``)."""
+    drop = f"drop -p {spec}" if given == "-p" else f"remove {spec} from KDBENCH_PLUGINS"
     try:
         if spec.endswith(".py") or os.sep in spec:
             path = Path(spec)
             if not path.is_file():
-                raise PluginError(f"plugin file {spec!r} not found. Hint: check the path given to -p")
+                raise PluginError(f"plugin file {spec!r} not found. Hint: check the path given to {given}")
             modname = f"kdbench_local_{path.stem}"
             loader_spec = importlib.util.spec_from_file_location(modname, path)
             assert loader_spec is not None and loader_spec.loader is not None
@@ -67,7 +69,7 @@ def _import_plugin(spec: str) -> ModuleType:
     except Exception as exc:
         raise PluginError(
             f'error loading plugin "{spec}": {type(exc).__name__}: {exc}. '
-            f"Hint: fix it, or drop -p {spec}"
+            f"Hint: fix it, or {drop}"
         ) from exc
 
 
@@ -105,7 +107,9 @@ def make_plugin_manager(
         builtins = builtin_plugins()
     if autoload is None:
         autoload = not env_flag("KDBENCH_DISABLE_PLUGIN_AUTOLOAD")
-    extra = [*extra, *filter(None, os.environ.get("KDBENCH_PLUGINS", "").split(","))]
+    from_env = [p for p in os.environ.get("KDBENCH_PLUGINS", "").split(",") if p]
+    given = {**dict.fromkeys(from_env, "KDBENCH_PLUGINS"), **dict.fromkeys(extra, "-p")}
+    extra = [*extra, *from_env]
     blocked = [*blocked, *filter(None, os.environ.get("KDBENCH_DISABLED_PLUGINS", "").split(","))]
     pm = pluggy.PluginManager("kdbench")
     pm.add_hookspecs(hookspecs)
@@ -137,7 +141,7 @@ def make_plugin_manager(
     for spec in extra:
         if spec in blocked:
             continue
-        module = _import_plugin(spec)
+        module = _import_plugin(spec, given[spec])
         if pm.is_registered(module):
             continue
         try:

@@ -235,10 +235,12 @@ def _method_cells(suite: Suite, host: Host, method_name: str, tasks: dict[str, A
     train = _train_config(suite, "train", defaults.get("train", {}), method_name, problems)
     teacher_train = _train_config(suite, "teacher_train", {}, method_name, []) if any(
         section(raw, "method", method_name, "teacher_train") for raw in suite.layers()) else generic_teacher_train
-    check_student = getattr(rule_cls, "check_student", lambda *a: None)  # plan-time student check
+    problem = rule_cls.check_train(rule_cfg, train)
+    if problem:
+        problems.append(f"method {method_name!r}: {problem}")
     modalities = {cls.modality for cls in tasks.values()}
     for sname, (_, skind, scfg, modality) in students.items():
-        problem = check_student(rule_cfg, skind, scfg) if modality in modalities else None
+        problem = rule_cls.check_student(rule_cfg, skind, scfg) if modality in modalities else None
         if problem:
             problems.append(f"method {method_name!r}, [students.{sname}]: {problem}")
     cells = []
@@ -292,10 +294,13 @@ def check_sections(suite: Suite, host: Host, methods: list[str], tasks: list[str
             label = f"{where} [method.{name}]"
             if not _known(host, "methods", name, label, problems):
                 continue
-            for key in sub:
+            for key, value in sub.items():
                 if key not in METHOD_SECTIONS:
                     problems.append(f"{label}: unknown section {key!r}.{suggest(key, list(METHOD_SECTIONS))} "
                                     f"Known: {', '.join(METHOD_SECTIONS)}")
+                elif not isinstance(value, dict):  # e.g. teacher_update = "frozen": the rule is registered
+                    problems.append(f"{label}: {key!r} must be a table of options, got {value!r}. "
+                                    f"Hint: write method.{name}.{key}.<option>=<value>")
             if name not in methods:
                 _unread(label, host.methods.get(name) in listed, problems, warn)
         for pattern, _ in _tables(raw, "task", where, problems):

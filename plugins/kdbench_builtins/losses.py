@@ -248,7 +248,7 @@ class TinyBertLossConfig:
     attention_weight: float = kdbench.option(1.0, ge=0)  # weight of the attention-probability MSE
     include_embeddings: bool = True  # also match the embedding outputs (layer 0 ↔ 0)
     project: bool = True  # learned Linear student width → teacher width (False: widths must match)
-    init_seed: int = 0  # seed of the projection's initialisation
+    init_seed: int = kdbench.option(0, ge=0)  # seed of the projection's initialisation
 
 
 class TinyBertLoss(DistillLoss):

@@ -68,7 +68,16 @@ import torch
 from torch import Tensor
 
 import kdbench
-from kdbench import Batch, ConfigError, Method, NotApplicable, StepContext, StepCost, TeacherUpdate
+from kdbench import (
+    Batch,
+    ConfigError,
+    Method,
+    NotApplicable,
+    StepContext,
+    StepCost,
+    TeacherUpdate,
+    TrainConfig,
+)
 from kdbench_builtins.metadistil_grad import MetaSpec, adam_problem, adam_slots, meta_gradient
 
 PAPER = ("Zhou, Xu, McAuley. BERT Learns to Teach: Knowledge Distillation with Meta Learning. "
@@ -130,6 +139,15 @@ class MetaDistil(TeacherUpdate):
         self.student_lr_start: float | None = None  # student lr at the first teacher update
         self._pending: dict[str, Any] | None = None
         self.probe = {"n": 0.0, "cos": 0.0, "cost": 0.0}  # quiz_probe sums
+
+    @classmethod
+    def check_train(cls, cfg: MetaDistilConfig, train: TrainConfig) -> str | None:
+        """Plan time: the Adam pilot mirrors an AdamW student step (:func:`adam_problem` checks the
+        built optimizer again in ``prepare``)."""
+        if cfg.pilot == "adam" and train.optimizer != "adamw":
+            return (f"teacher_update.metadistil.pilot = 'adam' mirrors an AdamW student step, but "
+                    f"train.optimizer = {train.optimizer!r}; use pilot = 'sgd' or train.optimizer = 'adamw'")
+        return None
 
     def prepare(self, ctx: StepContext) -> dict[str, float]:
         """Check the loss and quiz stream; make the teacher trainable; build its optimizer."""

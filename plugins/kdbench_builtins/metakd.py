@@ -10,7 +10,7 @@ Teacher update ``meta-kd``, all in ``prepare`` (the machinery is in
 
 1. Prototype scores ``t_i = ½cos(h_i, p_m) + ½cos(h_i, mean_{m'≠m} p_m')`` from mean-pooled last
    hidden states of the *pre-trained* teacher (``ctx.pretrained_teacher``), one prototype
-   per domain, on the ``meta_train`` split (all domains; falls back to ``train``).
+   per domain, on the ``meta_train`` split (all domains; a task without one: its ``train`` split).
 2. The meta-teacher starts from the pre-trained weights and trains on all domains with
    ``ℓ_i = CE(z_i, y_i) + γ·CE(domain_logits_i, π(d)_i)``, ``π`` a random permutation of the batch's
    domain labels, batch loss ``mean_i(t_i·ℓ_i)``. The result is written into ``ctx.teacher``.
@@ -43,8 +43,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import kdbench
 from kdbench import (
     DistillLoss,
     Method,
@@ -61,7 +62,6 @@ from kdbench_builtins.metakd_loss import (
     DomainHead,
     MetaKDLoss,
     MetaKDLossConfig,
-    _choice,
     _reason,
     expertise_weight,
     mean_pool,
@@ -76,17 +76,22 @@ __all__ = ["DomainHead", "MetaKD", "MetaKDConfig", "MetaKDLoss", "MetaKDLossConf
 class MetaKDConfig:
     """Options of the ``meta-kd`` teacher update (defaults: EasyNLP's example scripts)."""
 
-    meta_epochs: int = 1  # meta-teacher passes over the meta split
-    lr: float = 3e-5  # meta-teacher AdamW learning rate
-    weight_decay: float = 1e-4  # meta-teacher AdamW weight decay (bias/LayerNorm excluded)
-    warmup: float = 0.1  # warmup fraction of the meta-teacher's linear schedule
-    max_grad_norm: float = 1.0  # clip; 0 = off
-    batch_size: int = 32  # meta-teacher batch (reference: 16 per GPU x 2)
-    gamma: float = 0.5  # weight of the corrupted-domain loss
-    pooling: str = "masked"  # "masked" | "unmasked" (reference quirk: padding included)
+    meta_epochs: int = kdbench.option(1, ge=1)  # meta-teacher passes over the meta split
+    lr: float = kdbench.option(3e-5, gt=0)  # meta-teacher AdamW learning rate
+    #: meta-teacher AdamW weight decay (bias/LayerNorm excluded)
+    weight_decay: float = kdbench.option(1e-4, ge=0)
+    warmup: float = kdbench.option(0.1, ge=0, le=1)  # warmup fraction of the meta-teacher's linear schedule
+    max_grad_norm: float = kdbench.option(1.0, ge=0)  # clip; 0 = off
+    batch_size: int = kdbench.option(32, ge=1)  # meta-teacher batch (reference: 16 per GPU x 2)
+    gamma: float = kdbench.option(0.5, ge=0)  # weight of the corrupted-domain loss
+    #: "unmasked": the reference's quirk, padding included
+    pooling: Literal["masked", "unmasked"] = "masked"
     sample_weights: bool = True  # weight ℓ_i by the prototype score t_i (use_sample_weights)
-    meta_split: str = "meta_train"  # split with every domain; "train" when absent
-    init: str = "pretrained"  # meta-teacher start: "pretrained" (paper) | "teacher" (fine-tuned)
+    #: the split with every domain (a task without "meta_train" uses its train split, which then
+    #: holds every domain; prepare/meta/rows records the rows the meta-teacher trained on)
+    meta_split: Literal["meta_train", "train"] = "meta_train"
+    #: meta-teacher start: "pretrained" (paper) or "teacher" (fine-tuned)
+    init: Literal["pretrained", "teacher"] = "pretrained"
 
 
 class MetaKD(TeacherUpdate):
@@ -104,8 +109,6 @@ class MetaKD(TeacherUpdate):
 
     def __init__(self, cfg: MetaKDConfig) -> None:
         super().__init__(cfg)
-        _choice("teacher_update 'meta-kd'", "pooling", cfg.pooling, ("masked", "unmasked"))
-        _choice("teacher_update 'meta-kd'", "init", cfg.init, ("pretrained", "teacher"))
         self.head: DomainHead | None = None
 
     @classmethod
@@ -129,7 +132,7 @@ class MetaKD(TeacherUpdate):
         if reason:
             raise NotApplicable(reason)
         cfg, splits = self.cfg, ctx.data.splits
-        meta = splits.get(cfg.meta_split, splits["train"])
+        meta = splits[cfg.meta_split] if cfg.meta_split in splits else splits["train"]  # see MetaKDConfig
         if ctx.pretrained_teacher is None:
             raise RuntimeError("meta-kd needs ctx.pretrained_teacher (the loop sets it for method cells)")
         pre = ctx.pretrained_teacher()
@@ -159,7 +162,8 @@ class MetaKD(TeacherUpdate):
         if isinstance(ctx.loss, MetaKDLoss):
             ctx.loss.attach(t_train.float(), head)
         return {**metrics, **mt.teacher_metrics(ctx),
-                "meta/score_mean": float(t_meta.mean()), "meta/score_min": float(t_meta.min())}
+                "meta/score_mean": float(t_meta.mean()), "meta/score_min": float(t_meta.min()),
+                "meta/rows": float(len(meta))}
 
     def state_dict(self) -> dict[str, Any]:
         """The domain head (the teacher itself is checkpointed by the runner)."""

@@ -8,18 +8,15 @@ hard labels, no weights). See :mod:`kdbench_builtins.metakd` for the meta-teache
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import Batch, ConfigError, DistillLoss, KDModel, ModelOutput, NotApplicable, Task
+import kdbench
+from kdbench import Batch, DistillLoss, KDModel, ModelOutput, NotApplicable, Task
 from kdbench_builtins.losses import TinyBertLoss, TinyBertLossConfig
-
-
-def _choice(owner: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{owner} key {key!r} must be one of {allowed}, got {value!r}")
 
 
 def _reason(task: Task) -> str | None:
@@ -78,22 +75,25 @@ class DomainHead(nn.Module):
 class MetaKDLossConfig:
     """Options of the ``meta-kd`` student loss (defaults: EasyNLP's meta_student_distill.sh)."""
 
-    temperature: float = 2.0  # stage-2 softmax temperature (no T² factor)
-    stage1_epochs: int = -1  # epochs of stage 1 (intermediate layers); -1 = half of train.epochs
+    temperature: float = kdbench.option(2.0, gt=0)  # stage-2 softmax temperature (no T² factor)
+    #: epochs of stage 1 (intermediate layers); -1 = half of train.epochs
+    stage1_epochs: int = kdbench.option(-1, ge=-1)
     # epochs of stage 2 (logits), run after stage 1 whatever train.epochs says (the cell then runs
     # stage1 + stage2 epochs). Reference: 10 (EasyNLP meta_student_distill.sh runs each stage as
     # its own 10-epoch job at lr 3e-5). -1 = the rest of train.epochs (kdbench < loss v3, where a
     # 3 + 3 split left stage 2 unconverged on Amazon: ~138 steps)
-    stage2_epochs: int = 10
-    instance_weights: str = "per_instance"  # "per_instance" | "batch_scalar" (EasyNLP: mean(λ)·MSE)
-    hidden_weight: float = 1.0  # stage 1 hidden-state MSE weight
-    attention_weight: float = 1.0  # stage 1 attention MSE weight
-    domain_weight: float = 0.5  # stage 1 domain-vector MSE weight γ (needs the meta-kd rule)
+    stage2_epochs: int = kdbench.option(10, ge=-1)
+    #: "batch_scalar": EasyNLP's mean(λ)·MSE
+    instance_weights: Literal["per_instance", "batch_scalar"] = "per_instance"
+    hidden_weight: float = kdbench.option(1.0, ge=0)  # stage 1 hidden-state MSE weight
+    attention_weight: float = kdbench.option(1.0, ge=0)  # stage 1 attention MSE weight
+    #: stage 1 domain-vector MSE weight γ (needs the meta-kd rule)
+    domain_weight: float = kdbench.option(0.5, ge=0)
     stage2_ce: bool = False  # add hard-label CE in stage 2 (not in the reference)
     # "restart": stage 2 warms up and decays its learning rate anew with fresh AdamW moments, as the
     # reference's second run does; "continuous": one schedule over both stages (kdbench < loss v2)
-    stage_schedule: str = "restart"
-    init_seed: int = 0  # seed of the projection and student domain branch
+    stage_schedule: Literal["restart", "continuous"] = "restart"
+    init_seed: int = kdbench.option(0, ge=0)  # seed of the projection and student domain branch
 
 
 class MetaKDLoss(DistillLoss):
@@ -113,8 +113,6 @@ class MetaKDLoss(DistillLoss):
 
     def __init__(self, cfg: MetaKDLossConfig, *, task: Task, teacher: KDModel | None, student: KDModel) -> None:
         super().__init__(cfg, task=task, teacher=teacher, student=student)
-        _choice("loss 'meta-kd'", "instance_weights", cfg.instance_weights, ("per_instance", "batch_scalar"))
-        _choice("loss 'meta-kd'", "stage_schedule", cfg.stage_schedule, ("restart", "continuous"))
         if teacher is None:
             raise ValueError("loss 'meta-kd' needs the teacher model")
         n, m = teacher.num_layers, student.num_layers
@@ -126,9 +124,6 @@ class MetaKDLoss(DistillLoss):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed + 1)
             self.s_domain = DomainHead(student.hidden_size, max(len(task.domains), 1), classify=False)
-        if cfg.stage2_epochs < -1 or cfg.stage1_epochs < -1:
-            raise ConfigError("loss 'meta-kd' keys 'stage1_epochs'/'stage2_epochs' must be >= 0 or -1 "
-                              f"(automatic); got {cfg.stage1_epochs}/{cfg.stage2_epochs}")
         self.stage = 1
         self._s1: int | None = None  # stage-1 epochs, fixed by num_epochs()
         self.prototype_scores: Tensor | None = None

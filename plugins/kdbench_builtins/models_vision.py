@@ -231,7 +231,7 @@ def vgg(depth: int, num_labels: int, origin: str) -> CifarNet:
 class WrnConfig:
     """Options of the ``wrn-*`` kinds."""
 
-    dropout: float = 0.0  # dropout between the two convs of every block (CRD: 0)
+    dropout: float = kdbench.option(0.0, ge=0, lt=1)  # dropout between the two convs of every block (CRD: 0)
 
 
 _BUILDERS: dict[str, tuple[Callable[..., CifarNet], dict[str, Any]]] = {
