@@ -165,6 +165,8 @@ CASES = [
     Case("quoted boolean", lambda t: [S, suite(t), 'suite.baselines="false"'], CONFIG,
          "suite.baselines expects true or false"),
     Case("unknown executor", lambda t: ["--executor", "rayy"], CONFIG, "Did you mean 'ray'?"),
+    Case("executor option without =", lambda t: ["--executor-opt", "workers"], CONFIG,
+         "--executor-opt 'workers': expected key=value"),
     Case("student kind typo", lambda t: [S, suite(t, extra="")] + ['suite.students=["bert-l2"]'], CONFIG,
          "[students.bert-l2]"),
     Case("student pick typo", lambda t: ['students.bert-l2.pick="frist"'], CONFIG,

@@ -83,8 +83,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _executor(args: argparse.Namespace, host: Host, cells: list[Any]) -> Any:
     """The executor from --executor, --executor-opt and (local) --workers; raises ConfigError."""
     executor_cls = host.executors.get(args.executor)
-    problems: list[str] = []
-    opts = {k: parse_value(v) for k, v in (kv.partition("=")[::2] for kv in args.executor_opt)}
+    pairs = [kv.partition("=") for kv in args.executor_opt]
+    problems = [f"--executor-opt {''.join(p)!r}: expected key=value, e.g. --executor-opt num_cpus=2"
+                for p in pairs if not (p[0] and p[1])]
+    opts = {k: parse_value(v) for k, eq, v in pairs if k and eq}
     if args.workers is not None:
         if args.executor != "local":
             problems.append(f"--workers: applies to the local executor, not {args.executor!r}; "
