@@ -59,6 +59,7 @@ def train_for_task(cfg: TrainConfig, task_cls: Any, task_cfg: Any, where: str,
 SUITE_KEYS = {"name", "methods", "tasks", "students", "seeds", "baselines", "description",
               "budget", "reference", "claims"}
 CLAIM_KEYS = ("method", "over", "source")
+REFERENCE_KEYS = ("row", "source", "verified", "values")
 TOP_KEYS = {"suite", "teachers", "students", "train", "teacher_train", "loss", "teacher_update",
             "task", "method"}
 #: top-level sections whose entries are themselves named tables (``[teachers.NAME]``, ...)
@@ -139,20 +140,53 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
     merged = deep_merge(file_raw, cli_raw)
     s = merged.get("suite", {})
     suite = Suite(
-        name=str(s.get("name", path.stem)), path=str(path), file_raw=file_raw, cli_raw=cli_raw,
+        name=_text(s.get("name", path.stem), "suite.name", problems), path=str(path), file_raw=file_raw,
+        cli_raw=cli_raw,
         methods=_str_list(s.get("methods", []), "suite.methods", problems),
         tasks=_str_list(s.get("tasks", []), "suite.tasks", problems),
         students=_str_list(s.get("students", list(merged.get("students", {}))), "suite.students", problems),
         seeds=_seed_list(s.get("seeds", [0]), problems),
         baselines=_flag(s.get("baselines", True), "suite.baselines", problems),
-        description=str(s.get("description", "")),
-        budget=str(s.get("budget", "")), reference=list(s.get("reference", [])),
+        description=_text(s.get("description", ""), "suite.description", problems),
+        budget=_text(s.get("budget", ""), "suite.budget", problems),
+        reference=_references(s.get("reference", []), str(path), problems),
         claims=_claims(s.get("claims", []), str(path), problems),
         teachers=dict(merged.get("teachers", {})), student_defs=dict(merged.get("students", {})),
     )
     if problems:
         raise ConfigError(problems)
     return suite
+
+
+def _text(value: Any, key: str, problems: list[str]) -> str:
+    """A string option of ``[suite]``."""
+    if not isinstance(value, str):
+        problems.append(f"{key} expects a string, got {value!r}")
+        return ""
+    return value
+
+
+def _references(value: Any, where: str, problems: list[str]) -> list[dict[str, Any]]:
+    """``[[suite.reference]]`` tables: ``row`` and ``source`` (non-empty strings), ``verified``
+    (a boolean) and ``values`` (a table of column -> published number)."""
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        problems.append(f"{where} [suite] reference: expects [[suite.reference]] tables with keys "
+                        f"{', '.join(REFERENCE_KEYS)}, got {value!r}")
+        return []
+    for i, ref in enumerate(value, 1):
+        label = f"{where} [[suite.reference]] #{i}"
+        problems += [f"{label}: unknown key {k!r}; allowed: {', '.join(REFERENCE_KEYS)}."
+                     f"{suggest(k, list(REFERENCE_KEYS))}" for k in ref if k not in REFERENCE_KEYS]
+        problems += [f"{label}: {k} must be a non-empty string, got {ref.get(k)!r}" for k in ("row", "source")
+                     if not isinstance(ref.get(k), str) or not ref[k].strip()]
+        if not isinstance(ref.get("verified"), bool):
+            problems.append(f"{label}: verified must be true or false, got {ref.get('verified')!r}")
+        values = ref.get("values")
+        if not isinstance(values, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            problems.append(f"{label}: values must be a table of column = number, e.g. "
+                            f'values = {{ "glue/sst2 accuracy" = 90.77 }}, got {values!r}')
+    return [dict(r) for r in value]
 
 
 def _claims(value: Any, where: str, problems: list[str]) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from kdbench.contract.errors import ConfigError, PluginError
 from kdbench.contract.options import identity
 from kdbench.contract.registry import suggest
 from kdbench.contract.spec import TEACHER, CellSpec, Suite, TrainConfig
-from kdbench.contract.taskopts import data_options
+from kdbench.contract.taskopts import SourceOptions, data_options
 from kdbench.engine.config import build_config, builtin_suites, section, task_section, train_for_task
 from kdbench.engine.manager import ROLE_NO_KD, ROLE_REFERENCE
 
@@ -85,6 +85,11 @@ def expand(suite: Suite, host: Host, warnings: list[str] | None = None) -> list[
         _train_config(suite, "train", {}, "", problems)
     task_cfgs = {name: build_config(cls.Config, [task_section(raw, name) for raw in suite.layers()],
                                     f"[task.{name!r}]", problems) for name, cls in tasks.items()}
+    for name, cls in tasks.items():  # a source is one the task understands
+        source = task_cfgs[name].source if isinstance(task_cfgs[name], SourceOptions) else None
+        if source is not None and source not in cls.sources:
+            problems.append(f"[task.{name!r}]: source = {source!r} is not allowed; use one of "
+                            f"{', '.join(map(repr, cls.sources))}.{suggest(source, list(cls.sources))}")
     teachers = _teachers(suite, host, problems)
     students = _students(suite, host, teachers, problems)
     no_kd = _teacher_method(host, problems)

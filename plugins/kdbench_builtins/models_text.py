@@ -224,7 +224,7 @@ class TinyBertConfig:
         """What BertConfig and the character tokenizer need, checked at plan time."""
         attention = one_of("attn_implementation", self.attn_implementation, ("eager", "sdpa"))
         problems = [attention] if attention else []
-        if self.hidden % self.heads:
+        if self.heads > 0 and self.hidden % self.heads:  # heads >= 1 is a declared bound
             problems.append(f"hidden = {self.hidden} must be a multiple of heads = {self.heads}")
         if self.vocab_size < CHAR_VOCAB:
             problems.append(f"vocab_size = {self.vocab_size} is smaller than the character tokenizer "
@@ -244,8 +244,9 @@ class TinyBert(ModelKind):
         from transformers import BertConfig, BertForSequenceClassification
 
         c: TinyBertConfig = self.cfg
-        if c.validate():  # checked at plan time; this is for configs built in code
-            raise ConfigError(f"tiny-bert: {'; '.join(c.validate())}")
+        problems = c.validate()  # checked at plan time; this is for configs built in code
+        if problems:
+            raise ConfigError(f"tiny-bert: {'; '.join(problems)}")
         tokenizer = char_tokenizer(c.max_position)
         config = BertConfig(  # type: ignore[call-arg]  # HF config kwargs are untyped
             vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
@@ -297,6 +298,15 @@ class HFModel(ModelKind):
         """What ``pooling`` (default: this kind's option) resolves to for this checkpoint."""
         return resolve_pooling(pooling or self.cfg.pooling, self.cfg.checkpoint, self._kwargs())
 
+    def depth(self) -> int | None:
+        """The checkpoint's transformer layers from its ``config.json`` (the HF cache or a local
+        folder; fetched when online), without loading weights; None when it cannot be read."""
+        if not self.cfg.checkpoint:
+            return None
+        cfg = _cached_json(self.cfg.checkpoint, "config.json", self._kwargs())
+        return next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
+                     if isinstance(cfg, dict) and isinstance(cfg.get(k), int)), None)
+
     def _kwargs(self) -> dict[str, Any]:
         c: HFConfig = self.cfg
         kw: dict[str, Any] = {"local_files_only": c.local_files_only}
@@ -331,8 +341,9 @@ class HFModel(ModelKind):
         from transformers import AutoModelForSequenceClassification
 
         c: HFConfig = self.cfg
-        if c.validate():  # checked at plan time; this is for configs built in code
-            raise ConfigError(f"hf: {'; '.join(c.validate())}")
+        problems = c.validate()  # checked at plan time; this is for configs built in code
+        if problems:
+            raise ConfigError(f"hf: {'; '.join(problems)}")
         tokenizer = self.load_tokenizer()
         problem = "regression" if num_labels == 1 else "single_label_classification"
         try:

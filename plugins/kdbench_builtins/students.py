@@ -186,17 +186,27 @@ class PickLayers(StudentKind):
     Config = PickLayersConfig
 
     def modality(self, teacher: ModelKind) -> str:
-        """Always "text"; a vision teacher or an unknown pooling is a config error (plan time)."""
+        """Always "text"; a vision teacher, an unknown pooling, or layers the source checkpoint does
+        not have (when its depth can be read without loading it) is a config error (plan time)."""
         check_pooling(self.cfg.pooling)
         if teacher.modality != "text":
             raise ConfigError(f"student pick-layers needs a text teacher, but {teacher.name!r} is "
                               f"a {teacher.modality} model; use the \"model\" student with a "
                               f"{teacher.modality} kind")
+        source = self._source(teacher)
+        depth = source.depth() if isinstance(source, HFModel) else \
+            source.cfg.layers if isinstance(source, TinyBert) else None
+        if depth is not None:
+            pick_indices(self.cfg.pick, self.cfg.layers, depth)  # raises the one-line ConfigError
         return "text"
 
     def _source_kind(self, teacher: ModelKind) -> ModelKind:
-        c: PickLayersConfig = self.cfg
         self.modality(teacher)
+        return self._source(teacher)
+
+    def _source(self, teacher: ModelKind) -> ModelKind:
+        """The model kind the layers are copied from: the teacher's, or ``checkpoint``'s."""
+        c: PickLayersConfig = self.cfg
         if not c.checkpoint:
             return teacher
         tc = teacher.cfg if isinstance(teacher.cfg, HFConfig) else HFConfig()
