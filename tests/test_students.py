@@ -171,7 +171,9 @@ def test_pick_layers_rejects_vision_teacher() -> None:
         PickLayers(PickLayersConfig()).build(teacher, 100, gen())
     with pytest.raises(ConfigError, match="needs a text teacher"):
         PickLayers(PickLayersConfig()).modality(teacher)  # plan time
-    assert PickLayers(PickLayersConfig()).modality(TinyBert(TinyBertConfig())) == "text"
+    assert PickLayers(PickLayersConfig(layers=2)).modality(TinyBert(TinyBertConfig())) == "text"
+    with pytest.raises(ConfigError, match="student layers = 6, but the source checkpoint has 2 layers"):
+        PickLayers(PickLayersConfig()).modality(TinyBert(TinyBertConfig()))  # plan time, no weights loaded
 
 
 def test_model_student_builds_own_kind() -> None:

@@ -198,8 +198,9 @@ def _students(suite: Suite, host: Host, teachers: dict[str, tuple[str, Any]],
         if not isinstance(kind, str) or not _known(host, "students", kind, f"[students.{sname}] kind", problems):
             continue
         opts = {k: v for k, v in sdef.items() if k not in ("kind", "teacher")}
+        known = len(problems)
         scfg = build_config(host.students.get(kind).Config, [opts], f"[students.{sname}]", problems)
-        if tname in teachers:
+        if tname in teachers and len(problems) == known:  # the kind's checks need valid options
             tkind, tcfg = teachers[tname]
             try:
                 student_kind = host.students.get(kind)(scfg, host.models.as_mapping())
