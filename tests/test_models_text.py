@@ -167,3 +167,18 @@ def test_minilm_teacher_loads_offline() -> None:
     # MiniLM-L6-H384: ~22.7M parameters, 6 * (2 * (4 * 384^2 + 2 * 384 * 1536) + 4 * 128 * 384) * 128
     assert 22_000_000 < model.num_parameters() < 23_000_000
     assert model.flops_per_example(128) == 6 * (2 * (4 * 384**2 + 2 * 384 * 1536) + 4 * 128 * 384) * 128
+
+
+def test_hf_depth_comes_from_config_json_without_weights_or_network(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdbench_builtins.models_text as models_text
+
+    path = save_tiny(tmp_path / "three", layers=3)
+    (path / "model.safetensors").unlink()  # the depth needs config.json only
+    assert HFModel(HFConfig(checkpoint=str(path))).depth() == 3
+    assert HFModel(HFConfig(checkpoint="nobody-org/nothing-here")).depth() is None  # not cached: build checks
+    assert HFModel(HFConfig()).depth() is None
+    asked: list[dict[str, object]] = []
+    monkeypatch.setattr(models_text, "_cached_json", lambda name, file, kw: asked.append(dict(kw)))
+    HFModel(HFConfig(checkpoint="org/model", local_files_only=False, revision="v1")).depth()
+    assert asked == [{"local_files_only": True, "revision": "v1"}]  # planning never downloads

@@ -299,11 +299,13 @@ class HFModel(ModelKind):
         return resolve_pooling(pooling or self.cfg.pooling, self.cfg.checkpoint, self._kwargs())
 
     def depth(self) -> int | None:
-        """The checkpoint's transformer layers from its ``config.json`` (the HF cache or a local
-        folder; fetched when online), without loading weights; None when it cannot be read."""
+        """The checkpoint's transformer layers from its ``config.json`` in the HF cache or a local
+        folder, without loading weights or touching the network (planning stays offline and
+        fast); None when it is not there yet (then the build checks it)."""
         if not self.cfg.checkpoint:
             return None
-        cfg = _cached_json(self.cfg.checkpoint, "config.json", self._kwargs())
+        offline = {**self._kwargs(), "local_files_only": True}
+        cfg = _cached_json(self.cfg.checkpoint, "config.json", offline)
         return next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
                      if isinstance(cfg, dict) and isinstance(cfg.get(k), int)), None)
 
