@@ -196,6 +196,8 @@ CASES = [
     Case("task source typo", lambda t: [S, "glue-small", 'task.glue/sst2.source="hubb"'], CONFIG,
          "source = 'hubb' is not allowed; use one of 'local', 'hub'. Did you mean 'hub'?"),
     Case("task choice typo", lambda t: ['task.toy/reviews.domain="book"'], CONFIG, "Did you mean 'books'?"),
+    Case("model student kind typo", lambda t: ['students.resnet8.model="resnet9"'], CONFIG,
+         "student model = 'resnet9' is not a model kind. Did you mean 'resnet8'?"),
     Case("model student option typo", lambda t: ["students.resnet8.options={depth=3}"], CONFIG,
          "(model kind 'resnet8'): unknown key 'depth'"),
     # command line

@@ -99,8 +99,9 @@ class ModelStudent(StudentKind):
         kinds = dict(self.models) or builtin_model_kinds()  # the host registry, else the built-ins
         c: ModelStudentConfig = self.cfg
         if c.model not in kinds:
-            raise ConfigError(f"student model = {c.model!r} is not a model kind; choose one of "
-                              f"{', '.join(sorted(kinds))}")
+            hint = kdbench.suggest(c.model, list(kinds))
+            raise ConfigError(f"student model = {c.model!r} is not a model kind.{hint} "
+                              f"Available: {', '.join(sorted(kinds))}")
         cls = kinds[c.model]
         return cls(make_config(cls, dict(c.options), "student options"))
 
