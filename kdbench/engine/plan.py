@@ -289,14 +289,14 @@ def check_sections(suite: Suite, host: Host, methods: list[str], tasks: list[str
     for where, raw in ((suite.path, suite.file_raw), ("command line", suite.cli_raw)):
         warn = warnings if raw is suite.cli_raw else []
         for kind, attr in (("losses", "loss"), ("teacher_updates", "teacher_update")):
-            for name, opts in _tables(raw, attr, where, problems):
+            for name, opts in _tables(raw, attr):
                 label = f"{where} [{attr}.{name}]"
                 if not _known(host, kind, name, label, problems):
                     continue
                 if not any(getattr(m, attr) == name for m in planned):
                     build_config(host.registries[kind].get(name).Config, [opts], label, problems)
                     _unread(label, any(getattr(m, attr) == name for m in listed), problems, warn)
-        for name, sub in _tables(raw, "method", where, problems):
+        for name, sub in _tables(raw, "method"):
             label = f"{where} [method.{name}]"
             if not _known(host, "methods", name, label, problems):
                 continue
@@ -309,7 +309,7 @@ def check_sections(suite: Suite, host: Host, methods: list[str], tasks: list[str
                                     f"Hint: write method.{name}.{key}.<option>=<value>")
             if name not in methods:
                 _unread(label, host.methods.get(name) in listed, problems, warn)
-        for pattern, _ in _tables(raw, "task", where, problems):
+        for pattern, _ in _tables(raw, "task"):
             label = f"{where} [task.{pattern!r}]"
             if not any(fnmatch.fnmatchcase(t, pattern) for t in host.tasks.names()):
                 problems.append(f"{label}: matches no registered task.{suggest(pattern, host.tasks.names())} "
@@ -319,16 +319,9 @@ def check_sections(suite: Suite, host: Host, methods: list[str], tasks: list[str
                 _unread(label, in_suite, problems, warn)
 
 
-def _tables(raw: dict[str, Any], attr: str, where: str, problems: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """The ``[attr.NAME]`` tables of one layer; a non-table entry is a problem."""
-    out = []
-    for name, opts in raw.get(attr, {}).items():
-        if isinstance(opts, dict):
-            out.append((name, opts))
-        else:
-            problems.append(f"{where} [{attr}]: {name!r} must be a table of options, got {opts!r}. "
-                            f"Hint: write {attr}.{name}.<option>=<value>")
-    return out
+def _tables(raw: dict[str, Any], attr: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``[attr.NAME]`` tables of one layer (``load_suite`` rejected any non-table entry)."""
+    return [(name, opts) for name, opts in raw.get(attr, {}).items() if isinstance(opts, dict)]
 
 
 def _unread(label: str, listed: bool, problems: list[str], warnings: list[str]) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -24,11 +24,11 @@ from kdbench import ConfigError, KDModel, ModelKind, ModelOutput
 #: how the classification head reads a sequence: "cls" = the model's own head (BERT: the [CLS]
 #: pooler), "mean" = the attention-masked mean of the last layer into the head's dropout + linear,
 #: "auto" = what the checkpoint's own pooling configuration says (:func:`resolve_pooling`)
-POOLINGS = ("auto", "cls", "mean")
-
+Pooling = Literal["auto", "cls", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 #: attention implementations an "hf" model may ask transformers for
-HF_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+HFAttention = Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]
 
 
 def one_of(key: str, value: str, allowed: tuple[str, ...]) -> str | None:
@@ -218,12 +218,11 @@ class TinyBertConfig:
     intermediate: int = kdbench.option(64, ge=1)  # FFN width
     vocab_size: int = 1000  # embedding rows; must cover the 141-token character tokenizer
     max_position: int = kdbench.option(128, ge=1)  # position embeddings (= tokenizer model_max_length)
-    attn_implementation: str = "eager"  # "eager" | "sdpa"
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
 
     def validate(self) -> list[str]:
         """What BertConfig and the character tokenizer need, checked at plan time."""
-        attention = one_of("attn_implementation", self.attn_implementation, ("eager", "sdpa"))
-        problems = [attention] if attention else []
+        problems = []
         if self.heads > 0 and self.hidden % self.heads:  # heads >= 1 is a declared bound
             problems.append(f"hidden = {self.hidden} must be a multiple of heads = {self.heads}")
         if self.vocab_size < CHAR_VOCAB:
@@ -269,18 +268,15 @@ class HFConfig:
     """Options of the ``hf`` kind."""
 
     checkpoint: str = ""  # hub name ("bert-base-uncased") or local directory
-    attn_implementation: str = "sdpa"  # "eager" for attention losses or double backward
+    attn_implementation: HFAttention = "sdpa"  # "eager" for attention losses or double backward
     revision: str = ""  # hub branch/tag/commit; "" = the default branch
     cache_dir: str = ""  # HF cache directory; "" = $HF_HOME / the HF default
     local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
-    pooling: str = "auto"  # "auto": the checkpoint's own (mean for sentence encoders) | "cls" | "mean"
+    pooling: Pooling = "auto"  # "auto": the checkpoint's own (mean for sentence encoders) | "cls" | "mean"
 
     def validate(self) -> list[str]:
-        """A checkpoint is named; attention and pooling are ones kdbench knows (plan time)."""
-        problems = [] if self.checkpoint else ['needs checkpoint = "<hub name or local path>"']
-        problems += [p for p in (one_of("attn_implementation", self.attn_implementation, HF_ATTENTION),
-                                 one_of("pooling", self.pooling, POOLINGS)) if p]
-        return problems
+        """A checkpoint is named (plan time; the choices are typed)."""
+        return [] if self.checkpoint else ['needs checkpoint = "<hub name or local path>"']
 
 
 class HFModel(ModelKind):

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,11 +51,11 @@ from torch import nn
 import kdbench
 from kdbench import ConfigError, KDModel, ModelKind, StudentKind
 from kdbench_builtins.models_text import (
-    HF_ATTENTION,
-    POOLINGS,
+    HFAttention,
     HFConfig,
     HFModel,
     HFTextModel,
+    Pooling,
     TinyBert,
     check_pooling,
     one_of,
@@ -128,13 +128,14 @@ class PickLayersConfig:
     #: "first" | "skip" | "last" | 0-based layer list
     pick: str | tuple[int, ...] = kdbench.option("first", ge=0)
     checkpoint: str = ""  # "" = the teacher kind's pre-trained checkpoint; else an hf checkpoint
-    attn_implementation: str = ""  # "" = as the source; "eager" for MetaDistil's double backward
-    pooling: str = "auto"  # "auto": as the source checkpoint | "cls": BERT's [CLS] pooler | "mean": masked mean
+    #: "" = as the source; "eager" for MetaDistil's double backward
+    attn_implementation: Literal["", HFAttention] = ""
+    #: "auto": as the source checkpoint | "cls": BERT's [CLS] pooler | "mean": masked mean
+    pooling: Pooling = "auto"
 
     def validate(self) -> list[str]:
         """What is known before the source checkpoint is read (its depth is checked when it is)."""
-        problems = [p for p in (one_of("attn_implementation", self.attn_implementation, ("", *HF_ATTENTION)),
-                                one_of("pooling", self.pooling, POOLINGS)) if p]
+        problems = []
         if isinstance(self.pick, str):
             problems += [p for p in [one_of("pick", self.pick, PICKS)] if p]
         elif len(self.pick) != self.layers:
