@@ -167,7 +167,7 @@ def test_real_glue_task_end_to_end_cli(tmp_path, shared_dir):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_bf16_on_a_cpu_that_emulates_it_is_said_before_training(tmp_path, capsys, monkeypatch, native):
+def test_bf16_on_a_cpu_without_bf16_kernels_is_said_before_training(tmp_path, capsys, monkeypatch, native):
     import kdbench.engine.training as training
 
     monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: native)
@@ -176,14 +176,14 @@ def test_bf16_on_a_cpu_that_emulates_it_is_said_before_training(tmp_path, capsys
             "--cache-dir", str(tmp_path / "c"), "--no-leaderboard", "--device", "cpu",
             "train.precision=bf16", "teacher_train.precision=fp32"]
     assert main(argv) == ExitCode.OK
-    warned = [ln for ln in capsys.readouterr().err.splitlines() if "emulates it" in ln]
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "without bf16 kernels" in ln]
     if native:
         assert warned == []
     else:  # the kd cell trains its student in bf16; the teacher cell trains in fp32
-        assert len(warned) == 1 and warned[0].startswith("kdbench: warning: 1 of the cells to run")
-        assert "train.precision=fp32 teacher_train.precision=fp32" in warned[0]
+        assert len(warned) == 1 and warned[0].startswith("kdbench: note: 1 of the cells to run")
+        assert "fp32 GEMMs on the bf16 operands" in warned[0] and "provenance.cpu_bf16_gemm" in warned[0]
     assert main([*argv[:-2], "train.precision=fp32"]) == ExitCode.OK  # fp32 cells (new run ids): no line
-    assert "emulates it" not in capsys.readouterr().err
+    assert "without bf16 kernels" not in capsys.readouterr().err
 
 
 def test_bf16_warning_counts_the_nodes_without_bf16_kernels(tmp_path):

@@ -26,6 +26,7 @@ from kdbench import (
     StepContext,
     Task,
 )
+from kdbench.engine.training import Bf16GemmInFp32
 from kdbench_builtins import metadistil
 from kdbench_builtins.losses import CrossEntropy, HintonKD, KDConfig, PatientKD, PKDConfig
 from kdbench_builtins.metadistil import MetaDistil, MetaDistilConfig
@@ -329,7 +330,9 @@ def test_adam_pilot_rejects_other_optimizers_and_sgd_pilot_ignores_the_optimizer
 @pytest.mark.parametrize("loss_name,pilot", [("kd", "sgd"), ("pkd", "adam")])
 def test_meta_gradient_under_bf16_autocast_matches_fp32(loss_name: str, pilot: str) -> None:
     """The v2 suites train in bf16 autocast: the meta-gradient (first_order_exact with a forward JVP,
-    and second_order) stays within bf16 rounding of the fp32 second-order one."""
+    and second_order) stays within bf16 rounding of the fp32 second-order one, with torch's bf16
+    kernels and with the fp32-GEMM products of a CPU without them (``Bf16GemmInFp32``, whose
+    forward-mode JVP and double backward go through the same dispatch)."""
     ctx = _text_setup(loss_name, student_layers=2 if loss_name == "pkd" else 1, dropout=True)
     ctx.teacher.float()
     ctx.student.float()
@@ -343,6 +346,9 @@ def test_meta_gradient_under_bf16_autocast_matches_fp32(loss_name: str, pilot: s
         got = _meta_grad(bf16, meta_grad=meta_grad, **kw)
         rel = ((got - ref).norm() / ref.norm()).item()
         assert 1e-5 < rel < 0.02, (meta_grad, rel)  # > 0: autocast did run in bf16
+        with Bf16GemmInFp32():
+            emulated = _meta_grad(bf16, meta_grad=meta_grad, **kw)
+        assert ((emulated - got).norm() / got.norm()).item() < 0.01, meta_grad
 
 
 def test_implementations_agree_with_dropout_and_keep_global_rng() -> None:

@@ -109,7 +109,8 @@ class Step:
 
     def __call__(self) -> dict[str, torch.Tensor]:
         """Run the step (synchronised on CUDA); return the loop's metrics."""
-        out = self.loop.train_step(self.batch)
+        with self.loop.kernels():
+            out = self.loop.train_step(self.batch)
         self.loop.state.step += 1
         if self.loop.device.type == "cuda":
             torch.cuda.synchronize(self.loop.device)
@@ -252,9 +253,10 @@ def build_step(pair: Pair, row: BenchRow, lr: float = 5e-5, precision: str = "au
     loop = Loop(pair.task, pair.data, pair.student, pair.teacher, loss, rule, cfg, 0, pair.device,
                 lambda step, metrics: None, cache_teacher=cached)
     loss.begin_epoch(int(row.options.get("epoch", 0)), int(row.options.get("epochs", 1)))
-    if row.options.get("prepare", True):
-        rule.prepare(loop.ctx)
-    if cached:
-        loop.tcache = teacher_cache(pair.teacher, pair.task, pair.data.splits["train"], loop.ctx.want,
-                                    cfg, pair.device, loop.autocast)
+    with loop.kernels():
+        if row.options.get("prepare", True):
+            rule.prepare(loop.ctx)
+        if cached:
+            loop.tcache = teacher_cache(pair.teacher, pair.task, pair.data.splits["train"], loop.ctx.want,
+                                        cfg, pair.device, loop.autocast)
     return Step(loop, pair.batch, row_cost(loss_cls, rule, cached))

@@ -208,8 +208,8 @@ class Executor:
         raise NotImplementedError
 
     def bf16_warning(self, specs: Sequence[CellSpec], device: str) -> str | None:
-        """The line to print before training when cells would train in bf16 on a CPU that emulates
-        it (:func:`bf16_emulation_warning`), for cells that run on this machine; an executor whose cells run
+        """The line to print before training when cells would train in bf16 on a CPU without bf16
+        kernels (:func:`bf16_emulation_warning`), for cells that run on this machine; an executor whose cells run
         elsewhere returns None here and checks its machines itself before it submits a cell."""
         return bf16_emulation_warning(specs, device, lambda: [this_cpu()])
 
@@ -237,7 +237,7 @@ def bf16_emulation_warning(specs: Sequence[CellSpec], device: str,
         return None
     where = slow[0] if len(found) == 1 else \
         f"{sum(not native for native, _ in found)} of {len(found)} nodes: {'; '.join(slow)}"
-    return (f'kdbench: warning: {n} of the cells to run train with precision = "bf16" on a CPU without '
-            f"bf16 kernels ({where}), which emulates it (measured 10x slower than fp32 on an AVX2 AMD "
-            "EPYC: README); to run natively there, pass train.precision=fp32 teacher_train.precision=fp32 "
-            "(other run ids)")
+    return (f'kdbench: note: {n} of the cells to run train with precision = "bf16" on a CPU without '
+            f"bf16 kernels ({where}): their matrix products run as fp32 GEMMs on the bf16 operands "
+            "(Bf16GemmInFp32: about fp32 speed, the bf16 kernels' rounding up to summation order; "
+            "recorded as provenance.cpu_bf16_gemm)")

@@ -36,6 +36,7 @@ from kdbench.engine.training import (
     Progress,
     SplitQuiz,
     autocast_factory,
+    cpu_bf16_kernels,
     generator,
     init_output_bias,
     make_optimizer,
@@ -86,6 +87,9 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.autocast = autocast_factory(self.device, self.cfg.precision)
+        #: around everything the loop computes (backward passes included): bf16 products as fp32
+        #: GEMMs on a CPU without bf16 kernels (:class:`~kdbench.engine.training.Bf16GemmInFp32`)
+        self.kernels = lambda: cpu_bf16_kernels(self.device, self.cfg.precision)
         self.train_split = self.data.splits["train"]
         self.steps_per_epoch = self.train_split.num_batches(self.cfg.batch_size)
         self.epochs = int(self.loss.num_epochs(self.cfg.epochs))  # train.epochs, or a staged loss's budget
@@ -115,8 +119,9 @@ class Loop:
         self.tcache: dict[str, Tensor] | None = None
         # the starting teacher: captured here, before a resumed cell loads its checkpointed teacher
         if self.teacher is not None:
-            self.probe = TeacherProbe(self.teacher, self.task, self.data, self.cfg.eval_batch_size,
-                                      self.device, self.autocast)
+            with self.kernels():
+                self.probe = TeacherProbe(self.teacher, self.task, self.data, self.cfg.eval_batch_size,
+                                          self.device, self.autocast)
 
     # -- the step ------------------------------------------------------------------------------
     def teacher_out(self, batch: Batch) -> ModelOutput | None:
@@ -163,6 +168,10 @@ class Loop:
     # -- epochs --------------------------------------------------------------------------------
     def run(self) -> LoopState:
         """Train from ``state`` to the end, evaluating after every epoch."""
+        with self.kernels():
+            return self._run()
+
+    def _run(self) -> LoopState:
         st, cfg = self.state, self.cfg
         self.ctx.batch, self.ctx.step, self.ctx.epoch = None, st.step, st.epoch  # resume point
         self.ctx.resuming = self.pending_rule_state is not None

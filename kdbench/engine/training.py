@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from kdbench.contract.errors import ConfigError
@@ -102,9 +103,10 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 def cpu_runs_bf16_natively() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX512 or newer: AVX512-BF16, AMX).
 
-    Without them (an AVX2-only CPU) bf16 autocast is emulated: a MiniLM kd step ran 10x slower
-    than in fp32 on an AVX2 AMD EPYC (``kdbench bench --precision bf16`` against ``fp32``, one
-    thread: 1.9 against 18.9 sequences/s), where AVX512-BF16 and AMX CPUs run it 1.5-1.9x faster.
+    Without them (an AVX2-only CPU) torch's bf16 products take a generic loop: a MiniLM kd step ran
+    10x slower than in fp32 on an AVX2 AMD EPYC (``kdbench bench --precision bf16`` against ``fp32``,
+    one thread: 1.9 against 18.9 sequences/s), where AVX512-BF16 and AMX CPUs run it 1.5-1.9x
+    faster; there the loop routes them through :class:`Bf16GemmInFp32` (19.6 sequences/s).
     """
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # torch's own check (private)
     if probe is not None:
@@ -120,6 +122,51 @@ def cells_training_bf16_on_cpu(cells: Sequence[CellSpec], device: str) -> int:
         dev = torch_device(c.train.device if c.train.device != "auto" else device)  # as runner.resolve_device
         n += dev.type == "cpu" and "bf16" in {resolve_precision(dev, t.precision) for t in (c.train, c.teacher_train)}
     return n
+
+
+class Bf16GemmInFp32(TorchDispatchMode):
+    """Matrix products of bf16 CPU tensors as fp32 GEMMs on their (exact) bf16 values, rounded to bf16.
+
+    On a CPU without bf16 kernels (no AVX512-BF16/AMX: :func:`cpu_runs_bf16_natively`), torch runs a
+    bf16 ``mm`` through a generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s
+    there, 28.8 s of it in ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
+    two bf16 numbers is exact in fp32, so an fp32 GEMM on the up-cast operands accumulates the same
+    products in fp32 and rounds once to bf16, as the bf16 kernels do (oneDNN's and torch's fallback
+    alike); only the summation order differs, as between two CPU models' kernels. Measured on
+    random (2048, 384) x (384, 1536) products: 99.98 % of the outputs equal the fallback's bit for
+    bit and the mean error to the float64 product is the same (``tests/test_training.py``), and the
+    same step took 2.4 s. Every other op (autocast's choice of which ops run in bf16, SDPA, the
+    elementwise ops) is unchanged. A dispatch mode sits below autograd, so the backward's products
+    are covered too; it is active for a whole :meth:`~kdbench.engine.loop.Loop.run`
+    (:func:`cpu_bf16_kernels`), and the result file records it (``provenance.cpu_bf16_gemm``).
+    """
+
+    GEMMS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                       torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default})
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.GEMMS and any(_bf16_cpu(a) for a in args):
+            up = [a.float() if _bf16_cpu(a) else a for a in args]
+            return func(*up, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def _bf16_cpu(x: object) -> bool:
+    return isinstance(x, Tensor) and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
+def cpu_bf16_kernels(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """:class:`Bf16GemmInFp32` where bf16 autocast runs on a CPU without bf16 kernels; else nothing."""
+    if device.type == "cpu" and resolve_precision(device, precision) == "bf16" and not cpu_runs_bf16_natively():
+        return Bf16GemmInFp32()
+    return contextlib.nullcontext()
+
+
+def cpu_bf16_gemm() -> str:
+    """How this machine's CPU runs bf16 matrix products (the result files' ``provenance.cpu_bf16_gemm``)."""
+    return "bf16 kernels" if cpu_runs_bf16_natively() else "fp32 GEMM on bf16 operands (Bf16GemmInFp32)"
 
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:

@@ -43,8 +43,10 @@ def new_result(spec: CellSpec) -> dict[str, Any]:
 
 
 def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
-    """Library versions, git commit, device, CPU and plugin versions."""
+    """Library versions, git commit, device, CPU (and how it runs bf16 products) and plugin versions."""
     import importlib.metadata as md
+
+    from kdbench.engine.training import cpu_bf16_gemm
 
     def version(dist: str) -> str:
         try:
@@ -57,7 +59,7 @@ def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
         "transformers": version("transformers"), "datasets": version("datasets"),
         "evaluate": version("evaluate"), "python": sys.version.split()[0],
         "platform": platform.platform(), "git_commit": git_commit(), "device": device,
-        "cpu": cpu_description(), "plugins": plugins,
+        "cpu": cpu_description(), "cpu_bf16_gemm": cpu_bf16_gemm(), "plugins": plugins,
     }
 
 
