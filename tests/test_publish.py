@@ -305,7 +305,8 @@ def test_convergence_table_marks_students_still_climbing(tmp_path):
 
 
 def test_protocol_names_the_machines_the_cells_ran_on(tmp_path):
-    """The header counts result files per device and CPU model (provenance); one machine type is
+    """The header counts result files per device and CPU model (provenance; a CPU without bf16 kernels
+    by how it ran bf16 products); one machine type is
     named once, several are listed with their counts and the warning that they are not bit-paired."""
     rows = matrix({"kd": 0.70, "teacher": 0.85}, seeds=(0, 1))
     for r in rows:
@@ -316,6 +317,9 @@ def test_protocol_names_the_machines_the_cells_ran_on(tmp_path):
     page = render_markdown(board_of(tmp_path / "two", rows), "mine", ROLES)
     assert ("Cells ran on 2 machine types (3 on cpu: Xeon X; 1 on cpu: EPYC Y); the CPU model changes float "
             "rounding") in page
+    rows[0]["provenance"] = {"device": "cpu", "cpu": "EPYC Y", "cpu_bf16_gemm": "fp32 GEMM on bf16 operands (x)"}
+    page = render_markdown(board_of(tmp_path / "three", rows), "mine", ROLES)  # the bf16 path is a machine type
+    assert "(2 on cpu: Xeon X; 1 on cpu: EPYC Y; 1 on cpu: EPYC Y, bf16 products as fp32 GEMMs)" in page
 
 
 def test_cells_whose_retrained_teacher_scored_differently_are_named(tmp_path):

@@ -134,7 +134,7 @@ class Bf16GemmInFp32(TorchDispatchMode):
     products in fp32 and rounds once to bf16, as the bf16 kernels do (oneDNN's and torch's fallback
     alike); only the summation order differs, as between two CPU models' kernels. Measured on
     random (2048, 384) x (384, 1536) products: 99.98 % of the outputs equal the fallback's bit for
-    bit and the mean error to the float64 product is the same (``tests/test_training.py``), and the
+    bit and the mean error to the float64 product is the same (``tests/test_bf16_cpu.py``), and the
     same step took 2.4 s. Every other op (autocast's choice of which ops run in bf16, SDPA, the
     elementwise ops) is unchanged. A dispatch mode sits below autograd, so the backward's products
     are covered too; it is active for a whole :meth:`~kdbench.engine.loop.Loop.run`
