@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench.engine import training
 from kdbench.engine.training import Bf16GemmInFp32, cpu_bf16_kernels
+from kdbench.report import results as machine
 
 aten = torch.ops.aten
 
@@ -98,14 +98,14 @@ def test_the_backward_products_are_covered_and_agree() -> None:
 
 def test_the_mode_is_used_only_for_bf16_on_a_cpu_without_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: False)
+    monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: False)
     assert isinstance(cpu_bf16_kernels(cpu, "bf16"), Bf16GemmInFp32)
-    assert "fp32 GEMM" in training.cpu_bf16_gemm()
+    assert "fp32 GEMM" in machine.cpu_bf16_gemm()
     for device, precision in ((cpu, "fp32"), (cpu, "auto"), (torch.device("cuda"), "bf16")):
         assert isinstance(cpu_bf16_kernels(device, precision), contextlib.nullcontext)
-    monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: True)
+    monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: True)
     assert isinstance(cpu_bf16_kernels(cpu, "bf16"), contextlib.nullcontext)
-    assert training.cpu_bf16_gemm() == "bf16 kernels"
+    assert machine.cpu_bf16_gemm() == "bf16 kernels"
 
 
 def test_a_bf16_cell_trains_under_the_mode_and_records_it(make_host: Any, run_tiny: Any,
@@ -121,7 +121,7 @@ def test_a_bf16_cell_trains_under_the_mode_and_records_it(make_host: Any, run_ti
             calls.append(func.__name__)
         return real(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: False)
+    monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: False)
     monkeypatch.setattr(Bf16GemmInFp32, "__torch_dispatch__", spy)
     bf16 = ["train.precision=bf16", "teacher_train.precision=bf16"]
     res = run_tiny(make_host(), "kd", steps=4, overrides=bf16)

@@ -168,9 +168,9 @@ def test_real_glue_task_end_to_end_cli(tmp_path, shared_dir):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_bf16_kernels_is_said_before_training(tmp_path, capsys, monkeypatch, native):
-    import kdbench.engine.training as training
+    import kdbench.report.results as machine
 
-    monkeypatch.setattr(training, "cpu_runs_bf16_natively", lambda: native)
+    monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: native)
     suite = tiny_suite(tmp_path / "tiny.toml", "kd", steps=2)
     argv = ["run", "--suite", str(suite), "--workers", "1", "--results-dir", str(tmp_path / "res"),
             "--cache-dir", str(tmp_path / "c"), "--no-leaderboard", "--device", "cpu",

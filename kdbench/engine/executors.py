@@ -216,8 +216,7 @@ class Executor:
 
 def this_cpu() -> tuple[bool, str]:
     """Whether this machine's CPU runs bf16 natively, and the CPU (``provenance``'s description)."""
-    from kdbench.engine.training import cpu_runs_bf16_natively
-    from kdbench.report.results import cpu_description
+    from kdbench.report.results import cpu_description, cpu_runs_bf16_natively
 
     return cpu_runs_bf16_natively(), cpu_description()
 

@@ -19,6 +19,7 @@ from kdbench.contract.rules import QuizStream
 from kdbench.contract.spec import CellSpec, TrainConfig, torch_device
 from kdbench.contract.tensors import TensorSplit
 from kdbench.contract.types import Batch, Task
+from kdbench.report import results as machine  # this CPU's facts, as provenance records them
 
 if TYPE_CHECKING:
     pass
@@ -100,20 +101,6 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     raise ConfigError(f"precision = {precision!r} is not allowed; use auto, fp32 or bf16")
 
 
-def cpu_runs_bf16_natively() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX512 or newer: AVX512-BF16, AMX).
-
-    Without them (an AVX2-only CPU) torch's bf16 products take a generic loop: a MiniLM kd step ran
-    10x slower than in fp32 on an AVX2 AMD EPYC (``kdbench bench --precision bf16`` against ``fp32``,
-    one thread: 1.9 against 18.9 sequences/s), where AVX512-BF16 and AMX CPUs run it 1.5-1.9x
-    faster; there the loop routes them through :class:`Bf16GemmInFp32` (19.6 sequences/s).
-    """
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # torch's own check (private)
-    if probe is not None:
-        return bool(probe())
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
 def cells_training_bf16_on_cpu(cells: Sequence[CellSpec], device: str) -> int:
     """How many of ``cells`` train (or fine-tune their teacher) in bf16 on a CPU; ``device`` is
     the default for cells whose ``train.device`` is ``auto`` on the machine that runs them."""
@@ -127,8 +114,8 @@ def cells_training_bf16_on_cpu(cells: Sequence[CellSpec], device: str) -> int:
 class Bf16GemmInFp32(TorchDispatchMode):
     """Matrix products of bf16 CPU tensors as fp32 GEMMs on their (exact) bf16 values, rounded to bf16.
 
-    On a CPU without bf16 kernels (no AVX512-BF16/AMX: :func:`cpu_runs_bf16_natively`), torch runs a
-    bf16 ``mm`` through a generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s
+    On a CPU without bf16 kernels (no AVX512-BF16/AMX:
+    :func:`~kdbench.report.results.cpu_runs_bf16_natively`), torch runs a bf16 ``mm`` through a generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s
     there, 28.8 s of it in ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
     two bf16 numbers is exact in fp32, so an fp32 GEMM on the up-cast operands accumulates the same
     products in fp32 and rounds once to bf16, as the bf16 kernels do (oneDNN's and torch's fallback
@@ -159,14 +146,9 @@ def _bf16_cpu(x: object) -> bool:
 
 def cpu_bf16_kernels(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """:class:`Bf16GemmInFp32` where bf16 autocast runs on a CPU without bf16 kernels; else nothing."""
-    if device.type == "cpu" and resolve_precision(device, precision) == "bf16" and not cpu_runs_bf16_natively():
+    if device.type == "cpu" and resolve_precision(device, precision) == "bf16" and not machine.cpu_runs_bf16_natively():
         return Bf16GemmInFp32()
     return contextlib.nullcontext()
-
-
-def cpu_bf16_gemm() -> str:
-    """How this machine's CPU runs bf16 matrix products (the result files' ``provenance.cpu_bf16_gemm``)."""
-    return "bf16 kernels" if cpu_runs_bf16_natively() else "fp32 GEMM on bf16 operands (Bf16GemmInFp32)"
 
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
