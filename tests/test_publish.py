@@ -15,7 +15,7 @@ import pytest
 from kdbench.cli.main import main
 from kdbench.contract.errors import DataError
 from kdbench.report.publish import render, render_markdown
-from kdbench.report.results import SCHEMA_VERSION, load_results, read_plan, write_result
+from kdbench.report.results import FP32_GEMMS, SCHEMA_VERSION, load_results, read_plan, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "plugins" / "kdbench-example"
@@ -317,7 +317,7 @@ def test_protocol_names_the_machines_the_cells_ran_on(tmp_path):
     page = render_markdown(board_of(tmp_path / "two", rows), "mine", ROLES)
     assert ("Cells ran on 2 machine types (3 on cpu: Xeon X; 1 on cpu: EPYC Y); the CPU model changes float "
             "rounding") in page
-    rows[0]["provenance"] = {"device": "cpu", "cpu": "EPYC Y", "cpu_bf16_gemm": "fp32 GEMM on bf16 operands (x)"}
+    rows[0]["provenance"] = {"device": "cpu", "cpu": "EPYC Y", "cpu_bf16_gemm": FP32_GEMMS}
     page = render_markdown(board_of(tmp_path / "three", rows), "mine", ROLES)  # the bf16 path is a machine type
     assert "(2 on cpu: Xeon X; 1 on cpu: EPYC Y; 1 on cpu: EPYC Y, bf16 products as fp32 GEMMs)" in page
 

@@ -115,8 +115,8 @@ class Bf16GemmInFp32(TorchDispatchMode):
     """Matrix products of bf16 CPU tensors as fp32 GEMMs on their (exact) bf16 values, rounded to bf16.
 
     On a CPU without bf16 kernels (no AVX512-BF16/AMX:
-    :func:`~kdbench.report.results.cpu_runs_bf16_natively`), torch runs a bf16 ``mm`` through a generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s
-    there, 28.8 s of it in ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
+    :func:`~kdbench.report.results.cpu_runs_bf16_natively`), torch runs a bf16 ``mm`` through a
+    generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s there, 28.8 s of it in ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
     two bf16 numbers is exact in fp32, so an fp32 GEMM on the up-cast operands accumulates the same
     products in fp32 and rounds once to bf16, as the bf16 kernels do (oneDNN's and torch's fallback
     alike); only the summation order differs, as between two CPU models' kernels. Measured on

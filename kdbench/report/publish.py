@@ -44,7 +44,7 @@ from kdbench.report.leaderboard import (
     student_rows,
     teacher_after_table,
 )
-from kdbench.report.results import PLAN_FILE, load_results, read_plan
+from kdbench.report.results import FP32_GEMMS, PLAN_FILE, load_results, read_plan
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,10 +117,11 @@ def protocol_lines(board: pd.DataFrame, source: str, heldout: bool) -> list[str]
 
 def hardware_line(board: pd.DataFrame) -> str:
     """Which machines produced the result files (their provenance's device and CPU model, and whether
-    a CPU without bf16 kernels ran bf16 products as fp32 GEMMs), with counts: kernels differ per CPU model, so cells of one seed run on different machines share no bits ("" when
+    a CPU without bf16 kernels ran bf16 products as fp32 GEMMs), with counts: kernels differ per CPU
+    model, so cells of one seed run on different machines share no bits ("" when
     no result file records its machine)."""
     seen = Counter(f"{prov.get('device') or '?'}: {prov.get('cpu') or '?'}"
-                   + (", bf16 products as fp32 GEMMs" if prov.get("cpu_bf16_gemm", "").startswith("fp32 GEMM") else "")
+                   + (", bf16 products as fp32 GEMMs" if prov.get("cpu_bf16_gemm") == FP32_GEMMS else "")
                    for prov in (r.get("provenance") or {} for r in board["result"]))
     if set(seen) == {"?: ?"}:  # no cell records its machine
         return ""

@@ -90,7 +90,8 @@ def cpu_runs_bf16_natively() -> bool:
     Without them (an AVX2-only CPU) torch's bf16 products take a generic loop: a MiniLM kd step ran
     10x slower than in fp32 on an AVX2 AMD EPYC (``kdbench bench --precision bf16`` against ``fp32``,
     one thread: 1.9 against 18.9 sequences/s), where AVX512-BF16 and AMX CPUs run it 1.5-1.9x
-    faster; there the loop routes them through :class:`~kdbench.engine.training.Bf16GemmInFp32` (19.6 sequences/s).
+    faster; there the loop routes them through :class:`~kdbench.engine.training.Bf16GemmInFp32`
+    (19.6 sequences/s).
     """
     import torch
 
@@ -100,9 +101,13 @@ def cpu_runs_bf16_natively() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+#: ``provenance.cpu_bf16_gemm`` of a CPU without bf16 kernels (the pages count it as a machine type)
+FP32_GEMMS = "fp32 GEMM on bf16 operands (Bf16GemmInFp32)"
+
+
 def cpu_bf16_gemm() -> str:
     """How this machine's CPU runs bf16 matrix products (the result files' ``provenance.cpu_bf16_gemm``)."""
-    return "bf16 kernels" if cpu_runs_bf16_natively() else "fp32 GEMM on bf16 operands (Bf16GemmInFp32)"
+    return "bf16 kernels" if cpu_runs_bf16_natively() else FP32_GEMMS
 
 
 def git_commit() -> str:
