@@ -100,7 +100,7 @@ def test_the_mode_is_used_only_for_bf16_on_a_cpu_without_bf16_kernels(monkeypatc
     cpu = torch.device("cpu")
     monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: False)
     assert isinstance(cpu_bf16_kernels(cpu, "bf16"), Bf16GemmInFp32)
-    assert "fp32 GEMM" in machine.cpu_bf16_gemm()
+    assert machine.cpu_bf16_gemm() == machine.FP32_GEMMS
     for device, precision in ((cpu, "fp32"), (cpu, "auto"), (torch.device("cuda"), "bf16")):
         assert isinstance(cpu_bf16_kernels(device, precision), contextlib.nullcontext)
     monkeypatch.setattr(machine, "cpu_runs_bf16_natively", lambda: True)

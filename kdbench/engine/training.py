@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,10 +20,6 @@ from kdbench.contract.spec import CellSpec, TrainConfig, torch_device
 from kdbench.contract.tensors import TensorSplit
 from kdbench.contract.types import Batch, Task
 from kdbench.report import results as machine  # this CPU's facts, as provenance records them
-
-if TYPE_CHECKING:
-    pass
-
 
 #: ``(label, done, total, what)``: where every Loop's progress goes instead of a tqdm bar when set
 #: (an executor showing several cells at once, a worker process reporting to its parent)
@@ -116,7 +112,8 @@ class Bf16GemmInFp32(TorchDispatchMode):
 
     On a CPU without bf16 kernels (no AVX512-BF16/AMX:
     :func:`~kdbench.report.results.cpu_runs_bf16_natively`), torch runs a bf16 ``mm`` through a
-    generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s there, 28.8 s of it in ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
+    generic loop: a MiniLM-L6 forward and backward at B=32, T=64 took 34 s there, 28.8 s of it in
+    ``aten::mm`` (torch.profiler, one thread, an AVX2 AMD EPYC). The product of
     two bf16 numbers is exact in fp32, so an fp32 GEMM on the up-cast operands accumulates the same
     products in fp32 and rounds once to bf16, as the bf16 kernels do (oneDNN's and torch's fallback
     alike); only the summation order differs, as between two CPU models' kernels. Measured on

@@ -46,7 +46,6 @@ def provenance(device: str, plugins: dict[str, str]) -> dict[str, Any]:
     """Library versions, git commit, device, CPU (and how it runs bf16 products) and plugin versions."""
     import importlib.metadata as md
 
-
     def version(dist: str) -> str:
         try:
             return md.version(dist)
